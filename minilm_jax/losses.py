@@ -1,0 +1,237 @@
+"""Training objectives as pure array functions: CE, regression, span QA, logit KD, hidden MSE and
+the MiniLM v1 / MiniLMv2 self-attention distillation losses.
+
+Every function takes arrays, masks and weights and returns one value per example, shape (B,);
+the caller chooses how to reduce over the batch (mean, weighted mean, sum over devices). Nothing
+here imports the model: distillation reads the q/k/v intermediates the model returns.
+
+Arithmetic runs in at least float32 whatever the input dtype (bf16 activations are upcast; float64
+stays float64 so gradient checks can use it), because softmax/KL over long rows in bf16 loses the
+small probabilities the KL is made of.
+
+Axis letters: B batch, T query positions, S key positions (same sequence as T in self-attention),
+N heads, H head dim, R relation heads, D hidden, C classes, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Masked positions get this logit rather than -inf: exp underflows to exactly 0 in float32, yet
+# (masked - max) stays finite, so fully padded rows give a uniform softmax instead of NaN.
+_MASK_LOGIT = -1e9
+
+# MiniLMv2 relation-head counts used by the public re-implementations (PP-MiniLM, minilmv2.bb):
+# 48 when distilling from a base-size teacher, 64 from a large-size teacher.
+RELATION_HEADS_BASE = 48
+RELATION_HEADS_LARGE = 64
+
+
+def _f32(x: jax.Array) -> jax.Array:
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _sum_non_batch(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[0], -1).sum(-1)
+
+
+def _mean_non_batch(x: jax.Array) -> jax.Array:
+  return x.reshape(x.shape[0], -1).mean(-1)
+
+
+def _smoothed_ce(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+  """CE over the last axis against (1 - eps) * one_hot + eps / C, without building the one-hot."""
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+  ce = lse - label_logit
+  if label_smoothing:
+    # Uniform part: -sum_c (1/C) log p_c = lse - mean_c logits_c.
+    ce = (1.0 - label_smoothing) * ce + label_smoothing * (lse - logits.mean(-1))
+  return ce
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised losses.
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, *,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Softmax cross-entropy. logits (B, C), integer labels (B,) -> (B,)."""
+  return _smoothed_ce(_f32(logits), jnp.asarray(labels), label_smoothing)
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
+                        label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example SUM of token cross-entropies over masked-in tokens.
+
+  logits (B, T, V), labels (B, T) int, mask (B, T) bool or float weights -> (B,).
+  Labels at masked-out positions are ignored (any value, e.g. -100, is fine). The result is a sum,
+  not a mean, so the caller picks the normaliser: the batch token count `mask.sum()` (MLM,
+  UniLM s2s "normalised by the number of target tokens") or per example `mask.sum(-1)`.
+  """
+  mask = _f32(mask)
+  labels = jnp.where(mask > 0, labels, 0)  # keep the gather in range at ignored positions
+  ce = _smoothed_ce(_f32(logits), labels, label_smoothing)  # BT
+  return (ce * mask).sum(-1)
+
+
+def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+  """Squared error averaged over all non-batch axes (regression, e.g. STS-B). (B, ...) -> (B,)."""
+  diff = _f32(pred) - _f32(target)
+  return _mean_non_batch(jnp.square(diff))
+
+
+def span_qa_loss(start_logits: jax.Array, end_logits: jax.Array, start: jax.Array,
+                 end: jax.Array, mask: jax.Array) -> jax.Array:
+  """Extractive QA: (CE(start) + CE(end)) / 2, padded positions excluded from the softmax.
+
+  start/end logits (B, T), gold positions (B,) int, mask (B, T) -> (B,). Gold positions must be
+  real (masked-in) tokens; SQuAD 2.0 no-answer examples point both at [CLS] (position 0).
+  """
+  valid = jnp.asarray(mask) > 0
+
+  def one(logits, pos):
+    logits = jnp.where(valid, _f32(logits), _MASK_LOGIT)
+    return _smoothed_ce(logits, jnp.asarray(pos), 0.0)
+
+  return 0.5 * (one(start_logits, start) + one(end_logits, end))
+
+
+# ----------------------------------------------------------------------------------------------
+# Logit and hidden-state distillation (Hinton KD; XtremeDistil stages 1 and 2).
+
+
+def soft_logit_kd(student_logits: jax.Array, teacher_logits: jax.Array, *,
+                  temperature: float = 1.0) -> jax.Array:
+  """Hinton KD: T^2 * KL(softmax(teacher / T) || softmax(student / T)) over the last axis.
+
+  (B, C) -> (B,); extra middle axes (B, ..., C) are summed. The T^2 factor keeps gradient
+  magnitudes comparable across temperatures. Note the argument order: student first.
+  """
+  log_ps = jax.nn.log_softmax(_f32(student_logits) / temperature, axis=-1)
+  log_pt = jax.nn.log_softmax(_f32(teacher_logits) / temperature, axis=-1)
+  kl = (jnp.exp(log_pt) * (log_pt - log_ps)).sum(-1)
+  return temperature**2 * _sum_non_batch(kl)
+
+
+def logit_mse(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """MSE between logits, averaged over non-batch axes (XtremeDistil stage 2). -> (B,)."""
+  return mse(student_logits, teacher_logits)
+
+
+def hidden_mse(student_h: jax.Array, teacher_h: jax.Array, mask: jax.Array) -> jax.Array:
+  """MSE over real tokens and features. student_h (B, T, D) already projected to the teacher's
+  width by the caller, teacher_h (B, T, D), mask (B, T) -> (B,). All-padding rows give 0."""
+  mask = _f32(mask)
+  sq = jnp.square(_f32(student_h) - _f32(teacher_h)).mean(-1)  # BT
+  return (sq * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-attention distillation: MiniLM v1 (attention + value relation) and MiniLMv2 (Q/K/V
+# relations over relation heads). All are KL(teacher || student) per query row, averaged over
+# (heads x real query positions) per example.
+
+
+def _row_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """KL(teacher || student) of row softmaxes. logits (B, N, T, S), mask (B, T=S) -> (B,).
+
+  Padded keys get no probability mass; padded query rows contribute 0; the sum over heads and real
+  query positions is divided by N * (number of real positions).
+  """
+  valid = jnp.asarray(mask) > 0  # BS
+  key_ok = valid[:, None, None, :]  # B11S
+  t_logits = jnp.where(key_ok, _f32(t_logits), _MASK_LOGIT)
+  s_logits = jnp.where(key_ok, _f32(s_logits), _MASK_LOGIT)
+  log_pt = jax.nn.log_softmax(t_logits, axis=-1)
+  log_ps = jax.nn.log_softmax(s_logits, axis=-1)
+  # where() instead of relying on 0 * (big - big): keeps values and gradients exactly 0 there.
+  kl = jnp.where(key_ok, jnp.exp(log_pt) * (log_pt - log_ps), 0.0).sum(-1)  # BNT
+  kl = jnp.where(valid[:, None, :], kl, 0.0).sum((1, 2))  # B
+  num_heads = t_logits.shape[1]
+  num_real = jnp.maximum(valid.sum(-1), 1).astype(kl.dtype)
+  return kl / (num_heads * num_real)
+
+
+def attention_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """KL between attention distributions given pre-softmax attention logits (B, N, T, S).
+
+  Use when the model already returns its attention scores (QK^T / sqrt(d_k)); any mask bias in
+  them is harmless, since padded keys are masked again here. mask (B, T) -> (B,).
+  """
+  if t_logits.shape[1] != s_logits.shape[1]:
+    raise ValueError(f"attention_kl needs equal head counts, got teacher {t_logits.shape[1]} and "
+                     f"student {s_logits.shape[1]}; use minilm_v2_loss with relation heads.")
+  return _row_kl(t_logits, s_logits, mask)
+
+
+def _relation_logits(x: jax.Array, num_relation_heads: int | None, who: str) -> jax.Array:
+  """(B, T, N, H) -> scaled self-relation logits (B, R, T, S) = X X^T / sqrt(d_r) per head."""
+  x = _f32(x)
+  b, t, n, h = x.shape
+  if num_relation_heads is not None:
+    width = n * h
+    if width % num_relation_heads:
+      raise ValueError(f"{who} width {width} (= {n} heads x {h}) is not divisible by "
+                       f"num_relation_heads={num_relation_heads}")
+    # Concatenating heads and re-splitting is a reshape: heads are contiguous along the last axes.
+    x = x.reshape(b, t, num_relation_heads, width // num_relation_heads)
+  d_r = x.shape[-1]
+  return jnp.einsum("BTRH,BSRH->BRTS", x, x) / math.sqrt(d_r)
+
+
+def relation_kl(t_x: jax.Array, s_x: jax.Array, mask: jax.Array, *,
+                num_relation_heads: int | None) -> jax.Array:
+  """Self-relation KL: KL(softmax(X_t X_t^T / sqrt(d_t)) || softmax(X_s X_s^T / sqrt(d_s))).
+
+  t_x (B, T, N, H) teacher, s_x (B, T, N', H') student, mask (B, T) -> (B,).
+  num_relation_heads=None: the model's own heads (N must equal N'). Otherwise heads are
+  concatenated (width N*H, resp. N'*H') and re-split into R relation heads, each side with its own
+  d_r = width / R, so teacher and student may differ in heads and hidden size.
+  """
+  if num_relation_heads is None and t_x.shape[2] != s_x.shape[2]:
+    raise ValueError(f"relation_kl without relation heads needs equal head counts, got teacher "
+                     f"{t_x.shape[2]} and student {s_x.shape[2]}; pass num_relation_heads.")
+  t_rel = _relation_logits(t_x, num_relation_heads, "teacher")
+  s_rel = _relation_logits(s_x, num_relation_heads, "student")
+  return _row_kl(t_rel, s_rel, mask)
+
+
+def minilm_v1_loss(t_q: jax.Array, t_k: jax.Array, t_v: jax.Array, s_q: jax.Array,
+                   s_k: jax.Array, s_v: jax.Array, mask: jax.Array) -> jax.Array:
+  """MiniLM v1 (arXiv 2002.10957): attention KL + value-relation KL on the last layer, summed.
+
+  q/k/v (B, T, N, H) per side, mask (B, T) -> (B,). Head counts must match; head dims may differ
+  (each side scales by its own sqrt(d_k)).
+  """
+  n_t, n_s = t_q.shape[2], s_q.shape[2]
+  if n_t != n_s:
+    raise ValueError(
+        f"MiniLM v1 needs equal head counts in teacher and student (got {n_t} and {n_s}): its "
+        "attention and value relations are compared head by head. Use MiniLMv2 "
+        "(minilm_v2_loss with num_relation_heads), which re-splits both into relation heads.")
+
+  def attn_logits(q, k):
+    q, k = _f32(q), _f32(k)
+    return jnp.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(q.shape[-1])
+
+  at = _row_kl(attn_logits(t_q, t_k), attn_logits(s_q, s_k), mask)
+  vr = relation_kl(t_v, s_v, mask, num_relation_heads=None)
+  return at + vr
+
+
+def minilm_v2_loss(t_q: jax.Array, t_k: jax.Array, t_v: jax.Array, s_q: jax.Array,
+                   s_k: jax.Array, s_v: jax.Array, mask: jax.Array, *,
+                   num_relation_heads: int) -> jax.Array:
+  """MiniLMv2 (arXiv 2012.15828): Q-Q + K-K + V-V relation KLs over relation heads, weights 1.
+
+  q/k/v (B, T, N, H) teacher and (B, T, N', H') student, mask (B, T) -> (B,).
+  num_relation_heads: RELATION_HEADS_BASE (48) for base-size teachers, RELATION_HEADS_LARGE (64)
+  for large ones; it must divide both hidden sizes.
+  """
+  return sum(relation_kl(t, s, mask, num_relation_heads=num_relation_heads)
+             for t, s in ((t_q, s_q), (t_k, s_k), (t_v, s_v)))
