@@ -1,0 +1,91 @@
+"""Mesh, logical-axis rules, and the shardings of train state and batches.
+
+Model code names logical axes (`batch, embed, vocab, heads, kv, mlp`); this module alone maps
+them to the mesh axes `data` and `fsdp`. Data parallelism splits the batch over both axes; FSDP
+additionally splits every parameter's `embed` dimension (and so the optimizer state) over `fsdp`.
+The same code runs on 1 device, 8 host devices, a GPU, or several hosts after
+`jax.distributed.initialize()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.nnx as nnx
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (None: replicated).
+RULES_DP = (("batch", BATCH_AXES), ("embed", None), ("vocab", None), ("heads", None),
+            ("kv", None), ("mlp", None))
+RULES_FSDP = (("batch", BATCH_AXES), ("embed", "fsdp"), ("vocab", None), ("heads", None),
+              ("kv", None), ("mlp", None))
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """A (data, fsdp) mesh over all devices; -1 takes whatever is left."""
+  devices = devices if devices is not None else jax.devices()
+  n = len(devices)
+  if data == -1:
+    if n % fsdp:
+      raise ValueError(f"fsdp={fsdp} does not divide the {n} devices")
+    data = n // fsdp
+  if data * fsdp != n:
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, have {n}")
+  # Auto axes: XLA propagates shardings from the inputs (GSPMD); model code stays mesh-agnostic.
+  auto = (jax.sharding.AxisType.Auto,) * 2
+  return jax.make_mesh((data, fsdp), MESH_AXES, devices=devices, axis_types=auto)
+
+
+def logical_to_spec(axes, shape, rules, mesh: Mesh) -> P:
+  """PartitionSpec for a param; a dim that the mesh axis does not divide stays replicated."""
+  table = dict(rules)
+  spec = []
+  for dim, name in zip(shape, axes or (None,) * len(shape)):
+    mesh_axis = table.get(name) if name else None
+    size = 1
+    for a in (mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,)):
+      size *= mesh.shape[a] if a else 1
+    spec.append(mesh_axis if mesh_axis and dim % size == 0 else None)
+  return P(*spec)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules=RULES_DP):
+  """NamedShardings for an nnx.State of Params, from each Param's `logical_axes` metadata."""
+  def one(v):
+    axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
+    return NamedSharding(mesh, logical_to_spec(axes, v.shape, rules, mesh))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host-local numpy rows -> global arrays split over the batch axes.
+
+  With several processes each passes only its own rows (the data pipeline slices per process);
+  `make_array_from_process_local_data` stitches them into one global batch.
+  """
+  sharding = batch_sharding(mesh)
+  if jax.process_count() == 1:
+    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def to_host(tree: Any) -> Any:
+  """Fully-replicated or addressable values back to numpy (gathers across hosts if needed)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    tree = multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(np.asarray, tree)

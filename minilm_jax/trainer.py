@@ -1,0 +1,419 @@
+"""The training loop every objective shares: sharded jit step, eval, orbax checkpoints, resume,
+preemption, NaN guards, progress bar, TensorBoard, metrics.json and a PNG of the curves.
+
+An objective supplies an `Objective`: a pure `loss_fn(model, batch, rng) -> (per_example, aux)`,
+an `eval_fn(model, batch) -> per-example outputs`, and a host-side `metrics_fn` over an epoch of
+eval outputs. The train state is one pytree {step, params, opt_state, rng, nonfinite}; the step is
+`step(state, batch) -> (state, metrics)`, jitted with shardings and donation where the loop is
+built (STYLE: split -> jit -> merge, because nnx.jit re-traverses the graph on every call).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from minilm_jax import sharding
+from minilm_jax.optim import OptimConfig, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  output_dir: str = "runs/default"
+  num_epochs: float = 1.0
+  max_steps: int | None = None          # overrides num_epochs when set (micro-steps)
+  batch_size: int = 32                  # global, per micro-step
+  eval_batch_size: int = 128
+  eval_every: int = 0                   # steps; 0: once per epoch
+  log_every: int = 20
+  save_every: int = 0                   # steps; 0: at every eval
+  keep_checkpoints: int = 2
+  seed: int = 0
+  mesh_data: int = -1
+  mesh_fsdp: int = 1
+  fsdp: bool = False
+  nan_policy: Literal["stop", "skip"] = "stop"
+  resume: bool = False
+  progress: bool = True
+  best_metric: str | None = None        # e.g. "accuracy"; None: the objective's default
+  best_mode: Literal["max", "min"] = "max"
+
+
+@dataclasses.dataclass
+class Objective:
+  """What a task plugs into the loop. All callables are pure functions of arrays."""
+  loss_fn: Callable[..., tuple[jax.Array, dict]]       # (model, batch, rng) -> ((B,), aux)
+  eval_fn: Callable[..., dict] | None = None           # (model, batch) -> {name: (B, ...)}
+  metrics_fn: Callable[[dict], dict] | None = None     # host: concatenated eval outputs -> metrics
+  best_metric: str | None = None
+  frozen: Any = None   # e.g. a teacher's params: passed to loss_fn, never trained
+
+
+class NonFiniteLoss(RuntimeError):
+  pass
+
+
+# --- the pure step --------------------------------------------------------------------------
+
+def make_train_step(graphdef, objective: Objective, tx: optax.GradientTransformation,
+                    schedule, nan_policy: str, grad_accum: int = 1):
+  def loss_and_aux(params, batch, rng, frozen):
+    model = nnx.merge(graphdef, params)
+    args = (model, batch, rng) if frozen is None else (model, frozen, batch, rng)
+    per_example, aux = objective.loss_fn(*args)
+    w = batch["weights"]
+    loss = jnp.sum(per_example * w) / jnp.maximum(jnp.sum(w), 1.0)
+    return loss, aux
+
+  def step(state, batch, frozen=None):
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
+        state["params"], batch, rng, frozen)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    # A non-finite step never touches params or optimizer state: "skip" goes on, "stop" ends
+    # the run on the host with the last checkpoint intact.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": keep(params, state["params"]),
+        "opt_state": keep(opt_state, state["opt_state"]),
+        "rng": state["rng"],
+        "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
+    }
+    metrics = {"loss": loss, "grad_norm": grad_norm,
+               "lr": schedule(state["step"] // grad_accum), **aux}
+    return new_state, metrics
+  return step
+
+
+def make_eval_step(graphdef, objective: Objective):
+  def step(params, batch, frozen=None):
+    model = nnx.merge(graphdef, params)
+    return objective.eval_fn(model, batch) if frozen is None else objective.eval_fn(
+        model, frozen, batch)
+  return step
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+class Checkpoints:
+  """orbax CheckpointManager over {state, data position}; falls back past a corrupt newest one."""
+
+  def __init__(self, directory: Path, keep: int):
+    self.directory = directory.absolute()
+    self.manager = ocp.CheckpointManager(
+        self.directory, item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def save(self, step: int, state, data_state: dict, *, wait: bool = False) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+    if wait:
+      self.manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
+    self.manager.wait_until_finished()
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        if i:
+          log.warning("restored step %d after %d unreadable newer checkpoint(s)", step, i)
+        return step, out["state"], dict(out["data"])
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
+        log.warning("checkpoint at step %d is unreadable (%s); trying an older one", step, e)
+    if steps:
+      raise ValueError(f"no readable checkpoint in {self.directory} (steps {steps})")
+    return None
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+class _Preemption:
+  """SIGTERM: finish the current step, checkpoint, exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not in the main thread
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+@dataclasses.dataclass
+class Result:
+  state: Any
+  model: nnx.Module
+  history: list[dict]
+  evals: list[dict]
+  best: dict | None
+  preempted: bool = False
+
+
+def init_state(model: nnx.Module, optim: OptimConfig, total_updates: int, num_layers: int,
+               seed: int):
+  graphdef, params = nnx.split(model)
+  tx, schedule = make_optimizer(optim, params, total_updates, num_layers)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+           "rng": jax.random.PRNGKey(seed), "nonfinite": jnp.zeros((), jnp.int32)}
+  return graphdef, state, tx, schedule
+
+
+def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConfig,
+          optim: OptimConfig, *, eval_batches=None, num_layers: int = 12,
+          on_eval: Callable[[nnx.Module, dict, bool], None] | None = None,
+          mesh=None, logger=None) -> Result:
+  """Runs the loop. `train_batches` is a data.Batcher-like object: `batches_per_epoch`,
+  `state()`, `restore(state)`, `iterate()` -> host numpy batches. `on_eval(model, metrics,
+  is_best)` lets the caller export the best model."""
+  out_dir = Path(loop.output_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  mesh = mesh or sharding.make_mesh(loop.mesh_data, loop.mesh_fsdp)
+  accum = max(optim.grad_accum_steps, 1)
+  per_epoch = train_batches.batches_per_epoch
+  total = loop.max_steps or int(math.ceil(loop.num_epochs * per_epoch))
+  graphdef, state, tx, schedule = init_state(model, optim, total // accum, num_layers, loop.seed)
+
+  rules = sharding.RULES_FSDP if loop.fsdp else sharding.RULES_DP
+  param_sh = sharding.param_shardings(state["params"], mesh, rules)
+  rep = sharding.replicated(mesh)
+  state["params"] = jax.device_put(state["params"], param_sh)
+  state["opt_state"] = jax.jit(tx.init, out_shardings=None)(state["params"])
+  state = {k: (v if k in ("params", "opt_state") else jax.device_put(v, rep))
+           for k, v in state.items()}
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  frozen = objective.frozen
+  if frozen is not None:
+    frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh, rules))
+
+  step_fn = jax.jit(make_train_step(graphdef, objective, tx, schedule, loop.nan_policy, accum),
+                    in_shardings=(state_sh, sharding.batch_sharding(mesh), None),
+                    out_shardings=(state_sh, rep), donate_argnums=0)
+  eval_fn = (jax.jit(make_eval_step(graphdef, objective)) if objective.eval_fn else None)
+
+  ckpt = Checkpoints(out_dir / "checkpoints", loop.keep_checkpoints)
+  start = 0
+  if loop.resume:
+    restored = ckpt.restore_latest(jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+    if restored is None:
+      log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt.directory)
+    else:
+      start, state, data_state = restored
+      train_batches.restore(data_state)
+      log.info("resumed at step %d (data %s)", start, data_state)
+
+  logger = logger or MetricLogger(out_dir, enabled=jax.process_index() == 0)
+  history, evals, best = logger.load_history(start)
+  best_key = loop.best_metric or objective.best_metric
+  eval_every = loop.eval_every or per_epoch
+  save_every = loop.save_every or eval_every
+  batches: Iterator = iter(train_batches.iterate())
+  preempted = False
+
+  def evaluate(step):
+    nonlocal best
+    model_now = nnx.merge(graphdef, state["params"])
+    metrics = run_eval(eval_fn, state["params"], eval_batches, objective, mesh, frozen)
+    metrics["step"] = step
+    is_best = False
+    if best_key and best_key in metrics:
+      sign = 1 if loop.best_mode == "max" else -1
+      is_best = best is None or sign * metrics[best_key] > sign * best[best_key]
+      if is_best:
+        best = dict(metrics)
+    evals.append(metrics)
+    logger.log_eval(step, metrics, best)
+    if on_eval is not None:
+      on_eval(model_now, metrics, is_best)
+    return metrics
+
+  from tqdm.auto import tqdm
+  bar = tqdm(total=total, initial=start, disable=not (loop.progress and logger.enabled),
+             unit="step", dynamic_ncols=True)
+  t0, seen, pending = time.perf_counter(), 0, []
+  with _Preemption() as preemption:
+    step = start
+    while step < total:
+      host_batch = next(batches)
+      batch = sharding.shard_batch(host_batch, mesh)
+      state, metrics = step_fn(state, batch, frozen)
+      pending.append(metrics)
+      seen += int(host_batch["weights"].shape[0]) * jax.process_count()
+      step += 1
+      bar.update(1)
+      last = step == total
+      if step % loop.log_every == 0 or last or preemption.requested:
+        host = jax.device_get(pending)  # metrics leave the device only here
+        pending = []
+        nonfinite = int(jax.device_get(state["nonfinite"]))
+        rec = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        dt = time.perf_counter() - t0
+        rec.update(step=step, seq_per_s=seen / max(dt, 1e-9), nonfinite=nonfinite)
+        history.append(rec)
+        logger.log_train(step, rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", seq_s=f"{rec['seq_per_s']:.1f}")
+        t0, seen = time.perf_counter(), 0
+        if nonfinite and loop.nan_policy == "stop":
+          bar.close()
+          ckpt.close()
+          raise NonFiniteLoss(
+              f"non-finite loss or gradient at or before step {step}; parameters were not "
+              f"updated and the last checkpoint in {ckpt.directory} is intact")
+      if eval_fn is not None and eval_batches is not None and (step % eval_every == 0 or last):
+        evaluate(step)
+      if step % save_every == 0 or last or preemption.requested:
+        ckpt.save(step, state, train_batches.state(), wait=preemption.requested)
+      if preemption.requested and not last:
+        log.warning("SIGTERM: saved step %d, exiting", step)
+        preempted = True
+        break
+  bar.close()
+  ckpt.close()
+  logger.finish(history, evals, best)
+  model = nnx.merge(graphdef, state["params"])
+  return Result(state, model, history, evals, best, preempted)
+
+
+def run_eval(eval_fn, params, eval_batches, objective: Objective, mesh, frozen=None) -> dict:
+  outs: dict[str, list] = {}
+  for host_batch in eval_batches.epoch():
+    batch = sharding.shard_batch(host_batch, mesh)
+    res = eval_fn(params, batch, frozen)
+    res = sharding.to_host(res)
+    keep = np.asarray(host_batch["weights"]) > 0
+    # Per-process rows: with one process these are all rows.
+    for k, v in res.items():
+      outs.setdefault(k, []).append(np.asarray(v)[: len(keep)][keep])
+    for k in ("index", "labels"):
+      if k in host_batch:
+        outs.setdefault("_" + k, []).append(np.asarray(host_batch[k])[keep])
+  cat = {k: np.concatenate(v) for k, v in outs.items()}
+  return objective.metrics_fn(cat) if objective.metrics_fn else {}
+
+
+class MetricLogger:
+  """TensorBoard events, `history.jsonl`, `metrics.json` and `curves.png` in the output dir."""
+
+  def __init__(self, out_dir: Path, enabled: bool = True):
+    self.out_dir, self.enabled = Path(out_dir), enabled
+    self.writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+  def load_history(self, start: int):
+    """On resume, keep the records up to the restored step."""
+    history, evals, best = [], [], None
+    path = self.out_dir / "history.jsonl"
+    if start and path.exists():
+      for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["step"] <= start:
+          (evals if rec.pop("kind") == "eval" else history).append(rec)
+      best = json.loads((self.out_dir / "metrics.json").read_text()).get("best") if (
+          self.out_dir / "metrics.json").exists() else None
+    if self.enabled:
+      with path.open("w") as f:
+        for kind, recs in (("train", history), ("eval", evals)):
+          for r in recs:
+            f.write(json.dumps({"kind": kind, **r}) + "\n")
+    return history, evals, best
+
+  def _append(self, rec):
+    with (self.out_dir / "history.jsonl").open("a") as f:
+      f.write(json.dumps(rec) + "\n")
+
+  def log_train(self, step, rec):
+    if not self.enabled:
+      return
+    for k, v in rec.items():
+      if k != "step":
+        self.writer.add_scalar(f"train/{k}", v, step)
+    self._append({"kind": "train", **rec})
+
+  def log_eval(self, step, metrics, best):
+    if not self.enabled:
+      return
+    for k, v in metrics.items():
+      if k != "step" and isinstance(v, (int, float)):
+        self.writer.add_scalar(f"eval/{k}", v, step)
+    self._append({"kind": "eval", **metrics})
+    self._write_metrics(metrics, best)
+    summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
+                       if isinstance(v, float) and k != "step")
+    log.info("eval @ %d: %s", step, summary)
+
+  def _write_metrics(self, final, best, extra=None):
+    data = {"final": final, "best": best, **(extra or {})}
+    (self.out_dir / "metrics.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
+
+  def finish(self, history, evals, best):
+    if not self.enabled:
+      return
+    self.writer.flush()
+    self._write_metrics(evals[-1] if evals else None, best,
+                        {"train_final": history[-1] if history else None})
+    plot_curves(self.out_dir / "curves.png", history, evals)
+
+
+def plot_curves(path: Path, history: list[dict], evals: list[dict]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  eval_keys = sorted({k for e in evals for k, v in e.items()
+                      if k != "step" and isinstance(v, (int, float))})
+  n = 1 + len(eval_keys[:3])
+  fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), squeeze=False)
+  ax = axes[0, 0]
+  if history:
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+  for e_key in ("loss",):
+    if evals and e_key in evals[0]:
+      ax.plot([e["step"] for e in evals], [e[e_key] for e in evals], "o-", label="eval loss")
+  ax.set_xlabel("step")
+  ax.set_title("loss")
+  ax.legend()
+  for ax, key in zip(axes[0, 1:], [k for k in eval_keys if k != "loss"][:3]):
+    ax.plot([e["step"] for e in evals], [e.get(key, np.nan) for e in evals], "o-")
+    ax.set_title(f"eval {key}")
+    ax.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
