@@ -199,9 +199,9 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
           optim: OptimConfig, *, eval_batches=None, num_layers: int = 12,
           on_eval: Callable[[nnx.Module, dict, bool], None] | None = None,
           mesh=None, logger=None) -> Result:
-  """Runs the loop. `train_batches` is a data.Batcher-like object: `batches_per_epoch`,
-  `state()`, `restore(state)`, `iterate()` -> host numpy batches. `on_eval(model, metrics,
-  is_best)` lets the caller export the best model."""
+  """Runs the loop. `train_batches` is a `data.Batcher`: `batches_per_epoch`, `state()`,
+  `restore(state)`, iteration advancing the state. `on_eval(model, metrics, is_best)` lets the
+  caller export the best model."""
   out_dir = Path(loop.output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   mesh = mesh or sharding.make_mesh(loop.mesh_data, loop.mesh_fsdp)
@@ -244,7 +244,7 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
   best_key = loop.best_metric or objective.best_metric
   eval_every = loop.eval_every or per_epoch
   save_every = loop.save_every or eval_every
-  batches: Iterator = iter(train_batches.iterate())
+  batches: Iterator = iter(train_batches)  # advances train_batches.state()
   preempted = False
 
   def evaluate(step):
@@ -313,7 +313,7 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
 
 def run_eval(eval_fn, params, eval_batches, objective: Objective, mesh, frozen=None) -> dict:
   outs: dict[str, list] = {}
-  for host_batch in eval_batches.epoch():
+  for host_batch in eval_batches.iter_epoch():
     batch = sharding.shard_batch(host_batch, mesh)
     res = eval_fn(params, batch, frozen)
     res = sharding.to_host(res)

@@ -113,8 +113,12 @@ def load_examples(spec: DataSpec, task: TaskSpec):
   raise ValueError(f"unknown data.source {spec.source!r}")
 
 
-def _cap(examples, n):
-  return examples[:n] if n else examples
+def _cap(examples, n, seed=0):
+  """A seeded random subset (files are often sorted by label, so never the first n)."""
+  if not n or n >= len(examples):
+    return examples
+  keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
+  return [examples[i] for i in keep]
 
 
 # --- main --------------------------------------------------------------------------------
@@ -198,13 +202,13 @@ def run_qa(cfg: FinetuneConfig, model_path: Path, overrides: dict) -> dict:
   qa_kw = dict(max_seq_length=max_len, doc_stride=spec.doc_stride,
                max_query_length=spec.max_query_length)
   train_feats = squad.prepare_train_features(train_ex, tok, **qa_kw)
-  train_batches = data.Batcher.from_arrays(train_feats, batch_size=cfg.loop.batch_size,
+  train_batches = data.ArrayBatcher(train_feats, batch_size=cfg.loop.batch_size,
                                            seed=cfg.loop.seed, shuffle=True,
                                            drop_remainder=True)
   eval_batches, post = None, None
   if eval_ex:
     eval_feats = squad.prepare_eval_features(eval_ex, tok, **qa_kw)
-    eval_batches = data.Batcher.from_arrays(eval_feats, batch_size=cfg.loop.eval_batch_size,
+    eval_batches = data.ArrayBatcher(eval_feats, batch_size=cfg.loop.eval_batch_size,
                                             shuffle=False)
     refs = squad.references(eval_ex)
 
