@@ -80,13 +80,18 @@ def load_hf_model(path: str | Path, task: str = "encoder", num_labels: int | Non
     log.info("%s ships no pooler weights; building the encoder without a pooler", path)
     cfg = cfg.replace(use_pooler=False)
   if num_labels is None and task == "classification":
-    num_labels = _num_labels_from_hf(path)
+    num_labels = _num_labels_from_hf(path, sd)
   flat = hf.hf_to_flat(sd, cfg, task, allow_missing_head=task != "encoder",
                        dtype=cfg.weight_dtype)
   return _materialise(cfg, task, num_labels, flat, seed), cfg
 
 
-def _num_labels_from_hf(path: Path) -> int | None:
+def _num_labels_from_hf(path: Path, sd: dict[str, np.ndarray]) -> int | None:
+  # The head's rows first: transformers 5 leaves id2label out of config.json when it is the
+  # default (2 labels).
+  for name in ("classifier.weight", "classifier.out_proj.weight"):
+    if name in sd:
+      return int(sd[name].shape[0])
   import json
   data = json.loads((path / "config.json").read_text())
   if "id2label" in data:
@@ -197,11 +202,21 @@ def from_pretrained(path: str | Path, task: str = "encoder", num_labels: int | N
     raise FileNotFoundError(f"{path} does not exist")
   if checkpoint.is_model_dir(path):
     model, meta = load_model_dir(path)
-    cfg = meta["config"]
-    if config_overrides:
-      raise ValueError("config overrides apply to HF checkpoints; a minilm_jax directory "
-                       "keeps its own config")
-    task, num_labels = meta["task"], meta["num_labels"]
+    cfg = meta["config"].replace(**config_overrides) if config_overrides else meta["config"]
+    if task != meta["task"] and task != "encoder":
+      # e.g. a distilled student (encoder) fine-tuned with a fresh head.
+      if meta["task"] != "encoder":
+        raise ValueError(f"{path} holds a {meta['task']} model; only an encoder directory "
+                         f"can be loaded with a new {task} head")
+      flat = {"encoder/" + k: v for k, v in flat_params(model).items()}
+      if task in ("qa", "mlm"):  # these heads read token states; the pooler goes unused
+        flat = {k: v for k, v in flat.items() if not k.startswith("encoder/pooler/")}
+      model = _materialise(cfg, task, num_labels, flat, seed)
+      num_labels = getattr(model, "num_labels", num_labels)
+    else:
+      task, num_labels = meta["task"], meta["num_labels"]
+      if config_overrides:  # numerics only (dtype, dropout): same parameters, new config
+        model = _materialise(cfg, task, num_labels, flat_params(model), seed)
   elif (path / "config.json").exists():
     model, cfg = load_hf_model(path, task, num_labels, seed=seed, **config_overrides)
     num_labels = getattr(model, "num_labels", num_labels)

@@ -35,8 +35,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     if n % fsdp:
       raise ValueError(f"fsdp={fsdp} does not divide the {n} devices")
     data = n // fsdp
-  if data * fsdp != n:
+  if data * fsdp > n:
     raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, have {n}")
+  devices = devices[:data * fsdp]  # e.g. mesh_data=1 on a multi-device host
   # Auto axes: XLA propagates shardings from the inputs (GSPMD); model code stays mesh-agnostic.
   auto = (jax.sharding.AxisType.Auto,) * 2
   return jax.make_mesh((data, fsdp), MESH_AXES, devices=devices, axis_types=auto)

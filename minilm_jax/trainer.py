@@ -85,7 +85,7 @@ def make_train_step(graphdef, objective: Objective, tx: optax.GradientTransforma
     rng = jax.random.fold_in(state["rng"], state["step"])
     (loss, aux), grads = jax.value_and_grad(loss_and_aux, has_aux=True)(
         state["params"], batch, rng, frozen)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -214,7 +214,11 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
   param_sh = sharding.param_shardings(state["params"], mesh, rules)
   rep = sharding.replicated(mesh)
   state["params"] = jax.device_put(state["params"], param_sh)
-  state["opt_state"] = jax.jit(tx.init, out_shardings=None)(state["params"])
+  # mu/nu inherit the params' shardings; scalars (counts) would land on one device: replicate.
+  everywhere = set(mesh.devices.flat)
+  state["opt_state"] = jax.tree.map(
+      lambda x: x if x.sharding.device_set == everywhere else jax.device_put(x, rep),
+      jax.jit(tx.init)(state["params"]))
   state = {k: (v if k in ("params", "opt_state") else jax.device_put(v, rep))
            for k, v in state.items()}
   state_sh = jax.tree.map(lambda x: x.sharding, state)

