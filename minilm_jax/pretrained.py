@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilm_jax import checkpoint, hf
+from minilm_jax import checkpoint, hf, sharding
 from minilm_jax.config import ModelConfig
 from minilm_jax.heads import MaskedLM, SequenceClassifier, SpanQA
 from minilm_jax.model import Encoder
@@ -184,7 +184,10 @@ class Pretrained:
 
 def export_hf(model: nnx.Module, cfg: ModelConfig, path: str | Path, *, task: str = "encoder",
               tokenizer_dir: str | Path | None = None, extra_config: dict | None = None) -> Path:
-  flat = {k: np.asarray(v) for k, v in flat_params(model).items()}
+  # Collective on several hosts (FSDP shards live on all of them); only process 0 writes.
+  flat = {k: np.asarray(v) for k, v in sharding.to_host(flat_params(model)).items()}
+  if jax.process_index() != 0:
+    return Path(path)
   model_cfg = model.cfg if hasattr(model, "cfg") else cfg
   extra = dict(extra_config or {})
   if task == "classification":

@@ -84,6 +84,27 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize()` when launched as one of several processes.
+
+  Set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID;
+  or MINILM_JAX_DISTRIBUTED=1 to let JAX detect the cluster (TPU pods, SLURM, Open MPI).
+  CPU processes talk through gloo (MINILM_JAX_CPU_COLLECTIVES, default gloo).
+  """
+  import os
+  addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not addr and os.environ.get("MINILM_JAX_DISTRIBUTED", "0") != "1":
+    return
+  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation",
+                      os.environ.get("MINILM_JAX_CPU_COLLECTIVES", "gloo"))
+  if addr:
+    jax.distributed.initialize(addr, int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
+
+
 def to_host(tree: Any) -> Any:
   """Fully-replicated or addressable values back to numpy (gathers across hosts if needed)."""
   if jax.process_count() > 1:

@@ -316,18 +316,18 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
 
 
 def run_eval(eval_fn, params, eval_batches, objective: Objective, mesh, frozen=None) -> dict:
+  """One pass over the eval set; outputs of every process are gathered, dummy rows dropped."""
   outs: dict[str, list] = {}
   for host_batch in eval_batches.iter_epoch():
     batch = sharding.shard_batch(host_batch, mesh)
-    res = eval_fn(params, batch, frozen)
+    res = dict(eval_fn(params, batch, frozen))
+    for k in ("weights", "index", "labels"):
+      if k in batch:
+        res["_" + k] = batch[k]
     res = sharding.to_host(res)
-    keep = np.asarray(host_batch["weights"]) > 0
-    # Per-process rows: with one process these are all rows.
+    keep = res.pop("_weights") > 0
     for k, v in res.items():
-      outs.setdefault(k, []).append(np.asarray(v)[: len(keep)][keep])
-    for k in ("index", "labels"):
-      if k in host_batch:
-        outs.setdefault("_" + k, []).append(np.asarray(host_batch[k])[keep])
+      outs.setdefault(k, []).append(v[keep])
   cat = {k: np.concatenate(v) for k, v in outs.items()}
   return objective.metrics_fn(cat) if objective.metrics_fn else {}
 

