@@ -81,7 +81,7 @@ def restore_params(path: str | Path, abstract: Any) -> Any:
   try:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(path, abstract)
-  except (ValueError, KeyError, OSError) as e:
+  except Exception as e:  # orbax/tensorstore raise bare Exceptions for unreadable array data
     raise ValueError(f"corrupt or mismatched checkpoint at {path}: {e}") from e
 
 

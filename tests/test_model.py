@@ -1,0 +1,139 @@
+"""The NNX encoder and heads on the shared tiny config: intermediates, jit, dropout, limits.
+
+Numerical parity with transformers is checked in test_convert.py (random models of every preset)
+and test_pretrained.py (the real checkpoint); this file checks the model's own contracts.
+"""
+
+from __future__ import annotations
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_batch, tiny_roberta
+
+from minilm_jax.heads import MaskedLM, SequenceClassifier, SpanQA
+from minilm_jax.model import Encoder
+
+
+@pytest.fixture(scope="module")
+def encoder():
+  from minilm_jax.config import TINY
+  return Encoder(TINY, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def batch():
+  from minilm_jax.config import TINY
+  return {k: jnp.asarray(v) for k, v in random_batch(TINY, batch=3, length=10).items()}
+
+
+def test_intermediates(encoder, batch, tiny_cfg):
+  b, t = batch["input_ids"].shape
+  n, h, d, layers = tiny_cfg.num_heads, tiny_cfg.head_dim, tiny_cfg.hidden_size, tiny_cfg.num_layers
+  hidden, out = encoder(**batch)
+  assert hidden.shape == (b, t, d)
+  assert len(out["hidden_states"]) == layers + 1  # embeddings, then one per layer
+  np.testing.assert_array_equal(out["hidden_states"][-1], hidden)
+  for name in ("q", "k", "v"):
+    assert len(out[name]) == layers
+    assert all(x.shape == (b, t, n, h) for x in out[name]), name
+  assert len(out["attention_logits"]) == layers
+  assert all(x.shape == (b, n, t, t) for x in out["attention_logits"])
+  assert out["pooled"].shape == (b, d)
+  # q/k/v are the projections of the layer's input, logits their scaled dot products.
+  x0 = out["hidden_states"][0]
+  attn = encoder.layers[0].attn
+  np.testing.assert_allclose(out["q"][0], attn.q(x0), atol=1e-6)
+  logits = jnp.einsum("BTNH,BSNH->BNTS", out["q"][0], out["k"][0]) / np.sqrt(h)
+  mask = np.asarray(batch["attention_mask"], bool)[:, None, None, :]
+  np.testing.assert_allclose(np.where(mask, out["attention_logits"][0], 0),
+                             np.where(mask, logits, 0), atol=1e-5)
+  # Padded keys get no probability mass.
+  probs = jax.nn.softmax(out["attention_logits"][-1], axis=-1)
+  assert float(jnp.max(jnp.where(mask, 0.0, probs))) == 0.0
+
+
+def test_jit_hidden_only(encoder, batch):
+  """The split/jit/merge pattern the training loops use, asking for the last hidden state only."""
+  graphdef, state = nnx.split(encoder)
+
+  @jax.jit
+  def last_hidden(state, ids, mask, types):
+    return nnx.merge(graphdef, state)(ids, mask, types)[0]
+
+  eager, _ = encoder(**batch)
+  jitted = last_hidden(state, batch["input_ids"], batch["attention_mask"],
+                       batch["token_type_ids"])
+  np.testing.assert_allclose(jitted, eager, atol=1e-5)
+  # Unused intermediates are dead code: the compiled program returns one array.
+  lowered = last_hidden.lower(state, batch["input_ids"], batch["attention_mask"],
+                              batch["token_type_ids"])
+  assert len(jax.tree.leaves(lowered.out_info)) == 1
+
+
+def test_dropout(encoder, batch):
+  base, _ = encoder(**batch)
+  again, _ = encoder(**batch, dropout_rng=None)
+  np.testing.assert_array_equal(base, again)
+  key = jax.random.key(1)
+  a, _ = encoder(**batch, dropout_rng=key)
+  b, _ = encoder(**batch, dropout_rng=key)
+  c, _ = encoder(**batch, dropout_rng=jax.random.key(2))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, base, atol=1e-3)
+  assert not np.allclose(a, c, atol=1e-3)
+
+
+def test_remat_matches(encoder, batch, tiny_cfg):
+  remat = Encoder(tiny_cfg.replace(remat=True), rngs=nnx.Rngs(0))
+  nnx.update(remat, nnx.state(encoder))
+  np.testing.assert_allclose(remat(**batch)[0], encoder(**batch)[0], atol=1e-6)
+
+
+def test_too_long_input(encoder, tiny_cfg):
+  limit = tiny_cfg.max_position_embeddings
+  encoder(jnp.ones((1, limit), jnp.int32))
+  with pytest.raises(ValueError, match=f"at most {limit} tokens"):
+    encoder(jnp.ones((1, limit + 1), jnp.int32))
+
+
+def test_roberta_positions_and_limit(tiny_cfg):
+  """RoBERTa counts real tokens from padding_idx + 1; two table rows are never used by them."""
+  cfg = tiny_roberta(tiny_cfg)
+  enc = Encoder(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.asarray([[0, 7, 8, 2, 1, 1], [0, 9, 2, 1, 1, 1]], jnp.int32)
+  np.testing.assert_array_equal(enc.position_ids(ids), [[2, 3, 4, 5, 1, 1], [2, 3, 4, 1, 1, 1]])
+  assert cfg.max_length == cfg.max_position_embeddings - 2
+  enc(jnp.full((1, cfg.max_length), 5, jnp.int32))  # the last position id is the last row
+  with pytest.raises(ValueError, match=f"at most {cfg.max_length} tokens"):
+    enc(jnp.full((1, cfg.max_length + 1), 5, jnp.int32))
+
+
+def test_bfloat16_compute(tiny_cfg, batch):
+  enc = Encoder(tiny_cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+  hidden, out = enc(**batch)
+  assert hidden.dtype == jnp.bfloat16 and out["q"][0].dtype == jnp.bfloat16
+  assert out["attention_logits"][0].dtype == jnp.float32  # softmax statistics stay float32
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(enc, nnx.Param)))
+
+
+@pytest.mark.parametrize("roberta", [False, True], ids=["bert", "roberta"])
+def test_heads(tiny_cfg, roberta):
+  cfg = tiny_roberta(tiny_cfg) if roberta else tiny_cfg
+  b = {k: jnp.asarray(v) for k, v in random_batch(cfg, batch=2, length=7).items()}
+  rngs = nnx.Rngs(0)
+  logits, out = SequenceClassifier(cfg, 3, rngs=rngs)(**b)
+  assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+  # RobertaForSequenceClassification has no pooler; BERT's classifier reads the pooled output.
+  assert ("pooled" in out) != roberta
+  (start, end), _ = SpanQA(cfg, rngs=rngs)(**b)
+  assert start.shape == end.shape == (2, 7)
+  mlm = MaskedLM(cfg, rngs=rngs)
+  logits, _ = mlm(**b)
+  assert logits.shape == (2, 7, cfg.vocab_size)
+  # The decoder is the word embedding: the head owns transform, LayerNorm and output bias only.
+  d = cfg.hidden_size
+  head = sum(x.size for x in jax.tree.leaves(nnx.state(mlm.mlm, nnx.Param)))
+  assert head == d * d + d + 2 * d + cfg.vocab_size
