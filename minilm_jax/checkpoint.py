@@ -41,15 +41,16 @@ def save_model_dir(path: str | Path, params: Any, cfg: ModelConfig, *, task: str
   """Writes params (an nnx.State or pytree of arrays) and metadata; returns the directory."""
   path = Path(path).absolute()
   path.mkdir(parents=True, exist_ok=True)
-  if (path / "params").exists():
-    shutil.rmtree(path / "params")
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(path / "params", params)
+    # Collective with several processes. force=True: orbax removes an old params/ on the
+    # primary process only and syncs before writing (an rmtree on every process would race).
+    ckptr.save(path / "params", params, force=True)
     ckptr.wait_until_finished()
-  meta = {"config": dataclasses.asdict(cfg), "task": task, "num_labels": num_labels,
-          **(extra or {})}
-  (path / META).write_text(json.dumps(meta, indent=2) + "\n")
-  copy_tokenizer_files(tokenizer_dir, path)
+  if jax.process_index() == 0:
+    meta = {"config": dataclasses.asdict(cfg), "task": task, "num_labels": num_labels,
+            **(extra or {})}
+    (path / META).write_text(json.dumps(meta, indent=2) + "\n")
+    copy_tokenizer_files(tokenizer_dir, path)
   return path
 
 
@@ -78,6 +79,13 @@ def restore_params(path: str | Path, abstract: Any) -> Any:
   path = Path(path).absolute() / "params"
   if not path.exists():
     raise FileNotFoundError(f"no params checkpoint at {path}")
+  # Leaves without a sharding go to this process's first device. Otherwise orbax takes the
+  # saved shardings and refuses with "Topology mismatch" whenever the device count differs
+  # from the writer's (e.g. a model trained on 8 devices or 2 hosts, loaded on a laptop).
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local)
+      if isinstance(x, jax.ShapeDtypeStruct) and x.sharding is None else x, abstract)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       return ckptr.restore(path, abstract)

@@ -115,52 +115,167 @@ def make_eval_step(graphdef, objective: Objective):
 
 # --- checkpoints ----------------------------------------------------------------------------
 
+class CheckpointMismatch(ValueError):
+  """A readable checkpoint written by a run with other shapes, state tree or data settings."""
+
+
 class Checkpoints:
-  """orbax CheckpointManager over {state, data position}; falls back past a corrupt newest one."""
+  """orbax CheckpointManager over {state, data position}.
+
+  Resuming tells two failures apart. A checkpoint whose files cannot be read (a write cut short,
+  a bad disk) is skipped with a warning: the previous one is restored, and the unreadable ones
+  are renamed to `<step>.unreadable` (kept for inspection, invisible to orbax) so the run can
+  save those steps again and max_to_keep does not count them. A readable checkpoint whose
+  shapes, tree or data settings differ from this run is a `CheckpointMismatch`: nothing is
+  restored, renamed or deleted, because falling back would silently train something else.
+  """
 
   def __init__(self, directory: Path, keep: int):
     self.directory = directory.absolute()
+    # Handlers named up front: without them a fresh manager's item_metadata() is None until
+    # the first restore, and a mismatched newest checkpoint would pass for an unreadable one.
     self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data"),
+        self.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                       "data": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
-  def save(self, step: int, state, data_state: dict, *, wait: bool = False) -> None:
+  def save(self, step: int, state, data_state: dict, *, wait: bool = False,
+           spec: dict | None = None) -> None:
+    """`spec` describes what `data_state` (a Batcher position) means; see `batcher_spec`."""
+    data = {"position": data_state, "spec": spec}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
     if wait:
       self.manager.wait_until_finished()
 
-  def restore_latest(self, abstract_state) -> tuple[int, Any, dict] | None:
+  def restore_latest(self, abstract_state, spec: dict | None = None
+                     ) -> tuple[int, Any, dict] | None:
+    """(step, state, data position) of the newest readable checkpoint; None if there is none.
+
+    Raises `CheckpointMismatch` if the newest checkpoint with readable metadata does not fit
+    `abstract_state` (or was written with another data `spec`), ValueError if none is readable.
+    """
     self.manager.wait_until_finished()
     steps = sorted(self.manager.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
+    unreadable = []
+    for step in steps:
+      self._check_tree(step, abstract_state)
       try:
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        if i:
-          log.warning("restored step %d after %d unreadable newer checkpoint(s)", step, i)
-        return step, out["state"], dict(out["data"])
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
-        log.warning("checkpoint at step %d is unreadable (%s); trying an older one", step, e)
+        data = dict(out["data"])
+      except Exception as e:  # noqa: BLE001 - tensorstore raises bare Exceptions for bad bytes
+        log.warning("checkpoint at step %d is unreadable (%s); trying an older one", step,
+                    str(e).splitlines()[0][:300])
+        unreadable.append(step)
+        continue
+      # Checkpoints from before the data spec was saved hold the bare position.
+      position, saved_spec = (data["position"], data.get("spec")) if "position" in data else (
+          data, None)
+      self._check_spec(step, saved_spec, spec)
+      if unreadable:
+        log.warning("restored step %d after %d unreadable newer checkpoint(s) %s; renamed "
+                    "them to <step>.unreadable", step, len(unreadable), unreadable)
+        self._set_aside(unreadable)
+      return step, out["state"], dict(position)
     if steps:
       raise ValueError(f"no readable checkpoint in {self.directory} (steps {steps})")
     return None
+
+  def _check_tree(self, step: int, abstract_state) -> None:
+    try:
+      saved = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"].tree)
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore fails and says why
+      return
+    # Params first: they are what the examples in the message should show.
+    want = dict(sorted(ocp.tree.to_flat_dict(abstract_state).items(),
+                       key=lambda kv: (kv[0][0] != "params", kv[0])))
+    name = "/".join
+    diffs = [f"{name(k)} missing from the checkpoint" for k in want if k not in saved]
+    diffs += [f"{name(k)} only in the checkpoint" for k in saved if k not in want]
+    for k in want:
+      if k in saved:
+        a, b = saved[k], want[k]
+        if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
+          diffs.append(f"{name(k)}: checkpoint {a.dtype}{list(a.shape)}, "
+                       f"this run {b.dtype}{list(b.shape)}")
+    if diffs:
+      raise CheckpointMismatch(
+          f"the checkpoint at step {step} in {self.directory} does not match this run's "
+          f"config ({len(diffs)} differences, e.g. {'; '.join(diffs[:3])}). Resume with the "
+          f"model and optimizer settings it was written with, or use a new loop.output_dir; "
+          f"nothing was restored or deleted")
+
+  def _check_spec(self, step: int, saved: dict | None, spec: dict | None) -> None:
+    if saved is None or spec is None:
+      return
+    spec = json.loads(json.dumps(spec))  # tuples -> lists, as the saved JSON has them
+    diffs = [f"{k}: checkpoint {saved.get(k)}, this run {spec.get(k)}"
+             for k in sorted(set(saved) | set(spec)) if saved.get(k) != spec.get(k)]
+    if diffs:
+      raise CheckpointMismatch(
+          f"the checkpoint at step {step} in {self.directory} was written with other data "
+          f"settings ({'; '.join(diffs)}), so its data position means other batches. Resume "
+          f"with the settings it was written with, or use a new loop.output_dir; nothing was "
+          f"restored or deleted")
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if jax.process_index() == 0:  # one process renames; the others wait at the barrier
+      for step in steps:
+        src = self.directory / str(step)
+        dst, n = self.directory / f"{step}.unreadable", 0
+        while dst.exists():
+          n += 1
+          dst = self.directory / f"{step}.unreadable.{n}"
+        src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("minilm_jax_checkpoints_set_aside")
+    self.manager.reload()
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
 
 
+def batcher_spec(batches) -> dict:
+  """What a Batcher position means: the same (epoch, batch) names the same rows only with the
+  same global batch size, buckets, seed and data. The process count is left out on purpose: a
+  run may resume on a different number of hosts with the same global batch."""
+  spec = {k: getattr(batches, k) for k in ("batch_size", "buckets", "seed", "shuffle",
+                                           "drop_remainder", "batches_per_epoch")
+          if hasattr(batches, k)}
+  if hasattr(batches, "features"):
+    spec["examples"] = len(batches.features)
+  elif hasattr(batches, "n"):
+    spec["examples"] = batches.n
+  return json.loads(json.dumps(spec, default=int))
+
+
 # --- the loop -------------------------------------------------------------------------------
 
 class _Preemption:
-  """SIGTERM: finish the current step, checkpoint, exit cleanly."""
+  """SIGTERM (a preemption notice): finish the current step, checkpoint, exit cleanly.
+
+  One process: a Python handler sets a flag that the loop reads once per step. Python runs
+  handlers between bytecodes, so a SIGTERM during compilation or a checkpoint write takes effect
+  when that call returns, and the step in flight still completes.
+
+  Several processes: saving is collective, so all must stop after the same step, yet a notice
+  may reach only some of them. `jax.distributed.initialize()` installs JAX's own SIGTERM
+  notifier, which tells the coordination service; `reached_preemption_sync_point(step)` then
+  turns true on every process at the same step (one past the furthest). Installing a Python
+  handler there would replace JAX's and hide the notice, so none is installed.
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
+    if self._multi:
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not in the main thread
@@ -170,6 +285,16 @@ class _Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """Call once after every step (the multi-process protocol counts the calls)."""
+    if not self._multi:
+      return self.requested
+    from jax.experimental import multihost_utils
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # jax_enable_preemption_service=False: no coordinated stop
+      return False
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -202,11 +327,26 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
   """Runs the loop. `train_batches` is a `data.Batcher`: `batches_per_epoch`, `state()`,
   `restore(state)`, iteration advancing the state. `on_eval(model, metrics, is_best)` lets the
   caller export the best model."""
+  # The SIGTERM handler goes in first: a notice during set-up, restore or the first
+  # compilation still ends with a completed step and a checkpoint.
+  with _Preemption() as preemption:
+    return _train(preemption, model, objective, train_batches, loop, optim,
+                  eval_batches=eval_batches, num_layers=num_layers, on_eval=on_eval, mesh=mesh,
+                  logger=logger)
+
+
+def _train(preemption: _Preemption, model, objective, train_batches, loop, optim, *,
+           eval_batches, num_layers, on_eval, mesh, logger) -> Result:
   out_dir = Path(loop.output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   mesh = mesh or sharding.make_mesh(loop.mesh_data, loop.mesh_fsdp)
   accum = max(optim.grad_accum_steps, 1)
   per_epoch = train_batches.batches_per_epoch
+  if per_epoch == 0:  # otherwise num_epochs gives 0 steps and an untrained model is exported
+    size = getattr(train_batches, "batch_size", loop.batch_size)
+    raise ValueError(f"no training batches: every length bucket holds fewer than the global "
+                     f"batch_size {size} examples and the remainder is dropped; lower "
+                     f"loop.batch_size or use fewer buckets")
   total = loop.max_steps or int(math.ceil(loop.num_epochs * per_epoch))
   graphdef, state, tx, schedule = init_state(model, optim, total // accum, num_layers, loop.seed)
 
@@ -232,10 +372,13 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
   eval_fn = (jax.jit(make_eval_step(graphdef, objective)) if objective.eval_fn else None)
 
   ckpt = Checkpoints(out_dir / "checkpoints", loop.keep_checkpoints)
+  data_spec = batcher_spec(train_batches)
   start = 0
   if loop.resume:
+    # Before anything is written to out_dir: a mismatched config raises here and leaves the
+    # run directory as it was.
     restored = ckpt.restore_latest(jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), data_spec)
     if restored is None:
       log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt.directory)
     else:
@@ -246,6 +389,8 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
   logger = logger or MetricLogger(out_dir, enabled=jax.process_index() == 0)
   history, evals, best = logger.load_history(start)
   best_key = loop.best_metric or objective.best_metric
+  if jax.process_count() > 1 and best_key:
+    best = _agree_on_best(best, best_key)
   eval_every = loop.eval_every or per_epoch
   save_every = loop.save_every or eval_every
   batches: Iterator = iter(train_batches)  # advances train_batches.state()
@@ -272,47 +417,62 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
   bar = tqdm(total=total, initial=start, disable=not (loop.progress and logger.enabled),
              unit="step", dynamic_ncols=True)
   t0, seen, pending = time.perf_counter(), 0, []
-  with _Preemption() as preemption:
-    step = start
-    while step < total:
-      host_batch = next(batches)
-      batch = sharding.shard_batch(host_batch, mesh)
-      state, metrics = step_fn(state, batch, frozen)
-      pending.append(metrics)
-      seen += int(host_batch["weights"].shape[0]) * jax.process_count()
-      step += 1
-      bar.update(1)
-      last = step == total
-      if step % loop.log_every == 0 or last or preemption.requested:
-        host = jax.device_get(pending)  # metrics leave the device only here
-        pending = []
-        nonfinite = int(jax.device_get(state["nonfinite"]))
-        rec = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-        dt = time.perf_counter() - t0
-        rec.update(step=step, seq_per_s=seen / max(dt, 1e-9), nonfinite=nonfinite)
-        history.append(rec)
-        logger.log_train(step, rec)
-        bar.set_postfix(loss=f"{rec['loss']:.4f}", seq_s=f"{rec['seq_per_s']:.1f}")
-        t0, seen = time.perf_counter(), 0
-        if nonfinite and loop.nan_policy == "stop":
-          bar.close()
-          ckpt.close()
-          raise NonFiniteLoss(
-              f"non-finite loss or gradient at or before step {step}; parameters were not "
-              f"updated and the last checkpoint in {ckpt.directory} is intact")
-      if eval_fn is not None and eval_batches is not None and (step % eval_every == 0 or last):
-        evaluate(step)
-      if step % save_every == 0 or last or preemption.requested:
-        ckpt.save(step, state, train_batches.state(), wait=preemption.requested)
-      if preemption.requested and not last:
-        log.warning("SIGTERM: saved step %d, exiting", step)
-        preempted = True
-        break
+  log.info("training steps %d..%d (the first one compiles)", start + 1, total)
+  step = start
+  while step < total:
+    host_batch = next(batches)
+    batch = sharding.shard_batch(host_batch, mesh)
+    state, metrics = step_fn(state, batch, frozen)
+    pending.append(metrics)
+    seen += int(host_batch["weights"].shape[0]) * jax.process_count()
+    step += 1
+    bar.update(1)
+    last = step == total
+    stop = preemption.should_stop(step)  # read once: log, save and exit agree on it
+    if step % loop.log_every == 0 or last or stop:
+      host = jax.device_get(pending)  # metrics leave the device only here
+      pending = []
+      nonfinite = int(jax.device_get(state["nonfinite"]))
+      rec = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      dt = time.perf_counter() - t0
+      rec.update(step=step, seq_per_s=seen / max(dt, 1e-9), nonfinite=nonfinite)
+      history.append(rec)
+      logger.log_train(step, rec)
+      bar.set_postfix(loss=f"{rec['loss']:.4f}", seq_s=f"{rec['seq_per_s']:.1f}")
+      t0, seen = time.perf_counter(), 0
+      if nonfinite and loop.nan_policy == "stop":
+        bar.close()
+        ckpt.close()
+        raise NonFiniteLoss(
+            f"non-finite loss or gradient at or before step {step}; parameters were not "
+            f"updated and the last checkpoint in {ckpt.directory} is intact")
+    if eval_fn is not None and eval_batches is not None and (step % eval_every == 0 or last):
+      evaluate(step)
+    if step % save_every == 0 or last or stop:
+      ckpt.save(step, state, train_batches.state(), wait=stop, spec=data_spec)
+    if stop and not last:
+      log.warning("SIGTERM: saved step %d, exiting", step)
+      preempted = True
+      break
   bar.close()
   ckpt.close()
   logger.finish(history, evals, best)
   model = nnx.merge(graphdef, state["params"])
   return Result(state, model, history, evals, best, preempted)
+
+
+def _agree_on_best(best: dict | None, key: str) -> dict | None:
+  """Process 0's best metric on every process. `is_best` triggers `on_eval`, a collective save,
+  so all processes must decide alike, but only process 0 reads the history back on resume.
+  The float64 travels as two uint32 words: without x64, a float64 broadcast would round."""
+  from jax.experimental import multihost_utils
+  value = best[key] if best and key in best else np.nan
+  words = np.array([value], np.float64).view(np.uint32)
+  value = float(np.asarray(multihost_utils.broadcast_one_to_all(words), np.uint32)
+                .view(np.float64)[0])
+  if np.isnan(value):
+    return None
+  return {**(best or {}), key: value}
 
 
 def run_eval(eval_fn, params, eval_batches, objective: Objective, mesh, frozen=None) -> dict:
@@ -346,7 +506,8 @@ class MetricLogger:
     """On resume, keep the records up to the restored step."""
     history, evals, best = [], [], None
     path = self.out_dir / "history.jsonl"
-    if start and path.exists():
+    # Only the writer reads: other processes would race with its rewrite below.
+    if start and self.enabled and path.exists():
       for line in path.read_text().splitlines():
         rec = json.loads(line)
         if rec["step"] <= start:

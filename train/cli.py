@@ -7,6 +7,7 @@ Configs are nested frozen dataclasses. Every key in a YAML file or an override m
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from pathlib import Path
@@ -136,3 +137,71 @@ def load(cls, config: str | None, overrides: list[str], default: str):
 
 def to_dict(cfg) -> dict:
   return dataclasses.asdict(cfg)
+
+
+# --- the run directory (shared by the entry points) ------------------------------------------
+
+def save_config(out_dir: Path, cfg, resume: bool) -> None:
+  """Writes config.json (process 0 only). A resume keeps the config.json its checkpoints were
+  written with (a resume that fails on a mismatched config leaves the directory as it was) and
+  records its own as config.resume.json."""
+  import jax
+  path = Path(out_dir) / "config.json"
+  if resume and path.exists():
+    path = path.with_name("config.resume.json")
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def update_metrics(out_dir: Path, summary: dict) -> None:
+  """Merges `summary` into metrics.json (process 0 only; the trainer wrote the eval records)."""
+  import jax
+  if jax.process_index() != 0:
+    return
+  path = Path(out_dir) / "metrics.json"
+  merged = json.loads(path.read_text()) if path.exists() else {}
+  merged.update(summary)
+  path.write_text(json.dumps(merged, indent=2, default=float) + "\n")
+
+
+def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
+  """An entry point's main: parse `--config` and overrides into `cls`, join the other processes
+  (a no-op for one), `run(cfg)`, then `report(summary, cfg)` unless the run was preempted.
+
+  Exit codes: 0 done or preempted (resume with --loop.resume=true), 2 a checkpoint that does
+  not match the config, 3 a non-finite loss under nan_policy=stop."""
+  import argparse
+  import logging
+
+  from minilm_jax import sharding, trainer
+  p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--config", default=None,
+                 help=f"YAML file or a name in train/configs/ (default: {default})")
+  args, overrides = p.parse_known_args(argv)
+  # force: importing orbax/absl already gave the root logger a WARNING-level handler, which
+  # would make a plain basicConfig a no-op and hide every INFO line.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "jax._src.xla_bridge"):  # orbax's per-save chatter; "no TPU found"
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  log = logging.getLogger(default)
+  sharding.initialize_distributed()  # no-op unless launched as one of several processes
+  cfg, path = load(cls, args.config, overrides, default=default)
+  log.info("config %s", path)
+  try:
+    summary = run(cfg)
+  except trainer.NonFiniteLoss as e:
+    log.error("%s", e)
+    return 3
+  except trainer.CheckpointMismatch as e:  # a config error, not a crash: no traceback
+    log.error("%s", e)
+    return 2
+  if summary.get("preempted"):
+    print(f"preempted at step {summary['steps']}; resume with --loop.resume=true")
+    return 0
+  report(summary, cfg)
+  return 0
+
+
+def rounded(metrics: dict | None, digits: int = 4) -> dict:
+  return {k: round(v, digits) for k, v in (metrics or {}).items() if isinstance(v, float)}

