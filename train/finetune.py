@@ -33,6 +33,14 @@ class ModelSpec:
   hidden_dropout: float | None = None
   attention_dropout: float | None = None
 
+  def overrides(self) -> dict:
+    """ModelConfig fields this spec changes: dtype, and the dropouts where set."""
+    out = {"dtype": self.dtype}
+    for k in ("hidden_dropout", "attention_dropout"):
+      if getattr(self, k) is not None:
+        out[k] = getattr(self, k)
+    return out
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
@@ -139,11 +147,7 @@ def run(cfg: FinetuneConfig) -> dict:
   out_dir.mkdir(parents=True, exist_ok=True)
   cli.save_config(out_dir, cfg, cfg.loop.resume)
   model_path = resolve_model_path(cfg.model.path)
-  overrides = {"dtype": cfg.model.dtype}
-  if cfg.model.hidden_dropout is not None:
-    overrides["hidden_dropout"] = cfg.model.hidden_dropout
-  if cfg.model.attention_dropout is not None:
-    overrides["attention_dropout"] = cfg.model.attention_dropout
+  overrides = cfg.model.overrides()
 
   if cfg.task.kind == "qa":
     return run_qa(cfg, model_path, overrides)

@@ -119,12 +119,8 @@ def run(cfg: Seq2SeqRunConfig) -> dict:
   out_dir.mkdir(parents=True, exist_ok=True)
   cli.save_config(out_dir, cfg, cfg.loop.resume)
   model_path = resolve_model_path(cfg.model.path)
-  overrides = {"dtype": cfg.model.dtype}
-  if cfg.model.hidden_dropout is not None:
-    overrides["hidden_dropout"] = cfg.model.hidden_dropout
-  if cfg.model.attention_dropout is not None:
-    overrides["attention_dropout"] = cfg.model.attention_dropout
-  m = pretrained.from_pretrained(model_path, "mlm", seed=cfg.loop.seed, **overrides)
+  m = pretrained.from_pretrained(model_path, "mlm", seed=cfg.loop.seed,
+                                **cfg.model.overrides())
   tok, mcfg = m.tokenizer, m.config
 
   s2s, dec = cfg.objective, cfg.decode
