@@ -67,11 +67,33 @@ class LayerNorm(nnx.Module):
     return y.astype(self.dtype)
 
 
+def _hash_bits(rng: Array, shape: tuple[int, ...]) -> Array:
+  """32 well-mixed bits per element: murmur3's fmix32 of (flat index, two words from `rng`).
+
+  Counter-based like threefry (a pure function of key and position, so the same under any
+  sharding and on resume), but ~10 integer ops per element instead of threefry's ~80: XLA fuses
+  it into the consumer and never materialises a mask. Not a cryptographic stream, which dropout
+  does not need. One threefry call draws the two seeds.
+  """
+  seed = jax.random.bits(rng, (2,), jnp.uint32)
+  h = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  h = h * jnp.uint32(0x9E3779B9) + seed[0]
+  h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+  h = (h ^ (h >> 15) ^ seed[1]) * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
 def dropout(x: Array, rate: float, rng: Array | None) -> Array:
-  """Inverted dropout driven by an explicit key; `rng=None` means deterministic."""
+  """Inverted dropout driven by an explicit key; `rng=None` means deterministic.
+
+  Masks come from `_hash_bits` (keep iff bits >= rate * 2^32): on CPU the fine-tuning step is
+  1.19x faster than with `jax.random.bernoulli` (bench/README.md). Same key, same mask."""
   if rng is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  if math.prod(x.shape) >= 2**32:  # the flat index would wrap
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  else:
+    keep = _hash_bits(rng, x.shape) >= jnp.uint32(min(int(rate * 2.0**32), 2**32 - 1))
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 

@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/setup_env.sh dev
 .venv/bin/ruff check .
-# 8 host devices: the sharding tests compare 1 vs 8 devices inside one process.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two workers (one per core here): XLA compiles on one core while the other runs a test.
+# The sharding tests force 8 host devices in their own subprocesses.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --durations=15 "$@"
