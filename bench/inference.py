@@ -1,0 +1,118 @@
+"""Inference throughput: the minilm_jax encoder vs transformers' BertModel, same weights and batch.
+
+  python -m bench.inference                                  # L6 and L12 H384, B32, S128 and 512
+  python -m bench.inference --presets minilm-l12-h384-uncased --seqs 128 --repeats 10
+  python -m bench.inference --variant fused_qkv              # a bench-local model change
+
+Ours: `Encoder` split -> jax.jit(forward) -> last hidden state, inputs already on device.
+PyTorch: `BertModel` in eval mode under `torch.inference_mode()`, transformers' default attention
+("sdpa": torch's fused CPU kernel; `--torch-attn eager` for the unfused one). `--dtype bfloat16`
+runs our matmuls in bf16 (params stay fp32) against torch autocast(bfloat16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench import common
+
+DEFAULT_PRESETS = ("all-minilm-l6-v2", "minilm-l12-h384-uncased")
+
+
+def build_case(preset: str, batch: int, seq: int, dtype: str, variant: str, torch_attn: str):
+  """-> (cfg, jax step, torch step, max |ours - torch| on the last hidden state)."""
+  import flax.nnx as nnx
+  import jax
+  import numpy as np
+  torch = common.setup_torch()
+
+  from bench import variants
+  from minilm_jax import pretrained
+  from minilm_jax.config import get_preset
+  variants.apply(variant)
+
+  cfg = get_preset(preset, dtype=dtype)
+  model = pretrained.build(cfg, "encoder", seed=0)
+  graphdef, state = nnx.split(model)
+  host = common.random_batch(cfg, batch, seq)
+  dev = {k: jax.device_put(v) for k, v in host.items()}
+
+  @jax.jit
+  def forward(state, input_ids, attention_mask, token_type_ids):
+    hidden, _ = nnx.merge(graphdef, state)(input_ids, attention_mask, token_type_ids)
+    return hidden
+
+  def ours():
+    return jax.block_until_ready(forward(state, dev["input_ids"], dev["attention_mask"],
+                                         dev["token_type_ids"]))
+
+  tm = common.torch_model(model, cfg, "encoder", attn=torch_attn).eval()
+  tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in host.items()}
+  autocast = dtype != "float32"
+
+  def theirs():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      return tm(**tb).last_hidden_state
+
+  diff = float(np.abs(np.asarray(ours(), np.float32) - theirs().float().numpy()).max())
+  return cfg, ours, theirs, diff
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS))
+  p.add_argument("--seqs", nargs="+", type=int, default=[128, 512])
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--variant", default="none", help="bench-local model change (bench/variants.py)")
+  p.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"))
+  common.add_args(p, repeats=5, warmup=2)
+  args = p.parse_args(argv)
+
+  if args.only:  # child: one framework, one case, memory only
+    cfg, ours, theirs, _ = build_case(args.presets[0], args.batch, args.seqs[0], args.dtype,
+                                      args.variant, args.torch_attn)
+    step = ours if args.only == "jax" else theirs
+    print("MEMORY " + __import__("json").dumps(common.memory_probe(step, args.warmup)))
+    return 0
+
+  print(common.describe_env())
+  print(common.FORWARD_FORMULA)
+  print(f"command: {common.command_line()}")
+  for preset in args.presets:
+    for seq in args.seqs:
+      cfg, ours, theirs, diff = build_case(preset, args.batch, seq, args.dtype, args.variant,
+                                           args.torch_attn)
+      t = common.interleaved({"jax": ours, "torch": theirs}, args.repeats, args.warmup)
+      flops = common.forward_flops(cfg, seq) * args.batch
+      tj, tt = common.med(t["jax"]), common.med(t["torch"])
+      mem = {}
+      if not args.no_memory:
+        child_argv = common.strip_flag(argv, ("--presets", "--seqs", "--json", "--repeats"))
+        child_argv += ["--presets", preset, "--seqs", str(seq)]
+        for fw in ("jax", "torch"):
+          mem[fw] = common.child_memory("bench.inference", child_argv, fw)
+      row = {
+          "bench": "inference", "preset": preset, "batch": args.batch, "seq": seq,
+          "dtype": args.dtype, "variant": args.variant, "torch_attn": args.torch_attn,
+          "jax_seq_s": args.batch / tj, "torch_seq_s": args.batch / tt, "ratio": tt / tj,
+          "jax_gflops": flops / tj / 1e9, "torch_gflops": flops / tt / 1e9,
+          "jax_spread": common.spread(t["jax"]), "torch_spread": common.spread(t["torch"]),
+          "max_abs_diff": diff, "memory": mem, "command": common.command_line(),
+      }
+      print(f"{preset} B{args.batch} S{seq} {args.dtype} [{args.variant}]: "
+            f"ours {row['jax_seq_s']:.1f} seq/s ({row['jax_gflops']:.0f} GFLOP/s, "
+            f"{row['jax_spread']}), torch {row['torch_seq_s']:.1f} seq/s "
+            f"({row['torch_gflops']:.0f} GFLOP/s, {row['torch_spread']}), "
+            f"ours/torch {row['ratio']:.2f}x, max|diff| {diff:.1e}; "
+            f"peak RSS ours {common.fmt_mem(mem.get('jax'))}, "
+            f"torch {common.fmt_mem(mem.get('torch'))}", flush=True)
+      common.emit(row, args.json)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

