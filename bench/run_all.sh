@@ -18,8 +18,8 @@ run bench.train_step --repeats "$R"
 run bench.train_step --preset all-minilm-l6-v2 --seq 64 --repeats "$R"
 run bench.train_step --prng unsafe_rbg --repeats "$R"
 run bench.distill_step --repeats "$((R < 5 ? R : 5))"
-run bench.variants --variants none fast_attn fast_attn_fused bnth dpa --repeats "$R"
-run bench.variants --bench train --variants none fast_attn --repeats "$R"
+run bench.variants --variants none softmax_bsnh bnth dpa fused_qkv --repeats "$R"
+run bench.variants --bench train --variants none softmax_bsnh+threefry_dropout --repeats "$R"
 run bench.xla_flags --repeats "$R"
 if [ -n "${QUICK:-}" ]; then
   run bench.compile_count --max-steps 60

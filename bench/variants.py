@@ -12,19 +12,15 @@ A variant that wins is proposed to the model owner as a diff; see bench/README.m
               back to (B, T, N, H) only if a caller reads them (dead code otherwise)
   fused_bnth  both of the above
   dpa         jax.nn.dot_product_attention(implementation="xla") for the attention core
-  fast_attn   projections as in the library (B, T, N, H), explicit transposes to (B, N, T, H)
-              for the attention matmuls (the library's logits, bit for bit), and softmax
-              normalisation
-              deferred: ctx = (exp(l - max) @ v) / sum(exp(l - max)), dividing (B,N,T,H) instead
-              of (B,N,T,S); attention dropout still multiplies the unnormalised weights, which
-              is the same as dropping out the normalised probabilities
-  fast_attn_fused  fast_attn with the fused_qkv projection
+  softmax_bsnh  the attention the library had before adopting this file's old "fast_attn"
+              (heads-major operands, deferred softmax normalisation: 1.6x at S128): (B,T,N,H)
+              einsums around a full softmax
   bits_dropout  dropout masks from raw uint32 bits compared with an integer threshold instead of
               bernoulli's uniform floats (inference unaffected)
   threefry_dropout  dropout masks from jax.random.bernoulli (threefry), what the library did
               before it adopted the counter-hash masks of `model.dropout` (1.19x on the CPU
               fine-tuning step)
-Combine with "+": e.g. fast_attn+threefry_dropout.
+Combine with "+": e.g. softmax_bsnh+threefry_dropout (the library as it was).
 """
 
 from __future__ import annotations
@@ -84,31 +80,17 @@ def _make_call(fused: bool, layout: str):
   return __call__
 
 
-def _fast_attn_call(self, x, bias, dropout_rng, fused: bool = False):
+def _softmax_bsnh_call(self, x, bias, dropout_rng):
+  """The library's attention before it moved to heads-major operands and deferred
+  normalisation: (B,T,N,H) einsums around a full softmax."""
   cfg = self.cfg
-  if fused:
-    dt = cfg.compute_dtype
-    kernel = jnp.concatenate([d.kernel[...] for d in (self.q, self.k, self.v)], 1).astype(dt)
-    b = jnp.concatenate([d.bias[...] for d in (self.q, self.k, self.v)], 0).astype(dt)
-    qkv = jnp.einsum("BTD,DNH->BTNH", x.astype(dt), kernel) + b  # (B,T,3N,H)
-    q, k, v = jnp.split(qkv, 3, axis=2)
-  else:
-    q, k, v = self.q(x), self.k(x), self.v(x)  # (B,T,N,H) each: the cheap projection layout
-  inter = {"q": q, "k": k, "v": v}
-  to_bnth = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
-  logits = jnp.einsum("BNTH,BNSH->BNTS", to_bnth(q), to_bnth(k),
-                      preferred_element_type=jnp.float32)
-  logits = logits / math.sqrt(cfg.head_dim) + bias  # exactly the library's logits
-  inter["attention_logits"] = logits
-  # softmax(l) @ v == (exp(l - m) @ v) / sum(exp(l - m)) for any m; max keeps exp in range and
-  # needs no gradient (the result does not depend on it).
-  m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-  e = jnp.exp(logits - m)
-  denom = e.sum(-1, keepdims=True)  # (B,N,T,1)
-  e = M.dropout(e.astype(cfg.compute_dtype), cfg.attention_dropout, dropout_rng)
-  ctx = jnp.einsum("BNTS,BNSH->BNTH", e, to_bnth(v))
-  ctx = (ctx / denom.astype(ctx.dtype)).transpose(0, 2, 1, 3)  # (B,T,N,H)
-  return self.o(ctx), inter
+  q, k, v = self.q(x), self.k(x), self.v(x)
+  logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
+  logits = logits / math.sqrt(cfg.head_dim) + bias
+  probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
+  probs = M.dropout(probs, cfg.attention_dropout, dropout_rng)
+  ctx = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+  return self.o(ctx), {"q": q, "k": k, "v": v, "attention_logits": logits}
 
 
 def _dpa_call(self, x, bias, dropout_rng):
@@ -137,8 +119,8 @@ def _bits_dropout(x, rate, rng):
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-VARIANTS = ("none", "fused_qkv", "bnth", "fused_bnth", "dpa", "fast_attn",
-            "fast_attn_fused", "bits_dropout", "threefry_dropout")
+VARIANTS = ("none", "fused_qkv", "bnth", "fused_bnth", "dpa", "softmax_bsnh", "bits_dropout",
+            "threefry_dropout")
 
 
 def apply(name: str) -> None:
@@ -156,10 +138,8 @@ def apply(name: str) -> None:
       M.Attention.__call__ = _make_call(True, "BNTH")
     elif part == "dpa":
       M.Attention.__call__ = _dpa_call
-    elif part == "fast_attn":
-      M.Attention.__call__ = _fast_attn_call
-    elif part == "fast_attn_fused":
-      M.Attention.__call__ = lambda self, x, b, r: _fast_attn_call(self, x, b, r, fused=True)
+    elif part == "softmax_bsnh":
+      M.Attention.__call__ = _softmax_bsnh_call
     elif part == "bits_dropout":
       _patch_dropout(_bits_dropout)
     elif part == "threefry_dropout":
