@@ -76,10 +76,7 @@ def main(argv=None) -> int:
   p.add_argument("--cosine-sentences", type=int, default=1000,
                  help="embed only the first N held-out tweets for the cosine (0: all)")
   args, overrides = p.parse_known_args(argv)
-  # force: importing orbax/absl already gave the root logger a WARNING-level handler, which
-  # would make a plain basicConfig a no-op and hide every INFO line.
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                      datefmt="%H:%M:%S", force=True)
+  cli.setup_logging()
   t_start = time.perf_counter()
   cfg, _ = cli.load(distill_main.DistillConfig, args.config, overrides, default=args.config)
   out = Path(cfg.loop.output_dir)

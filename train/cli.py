@@ -164,6 +164,17 @@ def update_metrics(out_dir: Path, summary: dict) -> None:
   path.write_text(json.dumps(merged, indent=2, default=float) + "\n")
 
 
+def setup_logging() -> None:
+  """INFO lines with timestamps on stderr, without orbax's per-save chatter or "no TPU found"."""
+  import logging
+  # force: importing orbax/absl already gave the root logger a WARNING-level handler, which
+  # would make a plain basicConfig a no-op and hide every INFO line.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  for noisy in ("absl", "jax._src.xla_bridge"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
   """An entry point's main: parse `--config` and overrides into `cls`, join the other processes
   (a no-op for one), `run(cfg)`, then `report(summary, cfg)` unless the run was preempted.
@@ -178,12 +189,7 @@ def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
   p.add_argument("--config", default=None,
                  help=f"YAML file or a name in train/configs/ (default: {default})")
   args, overrides = p.parse_known_args(argv)
-  # force: importing orbax/absl already gave the root logger a WARNING-level handler, which
-  # would make a plain basicConfig a no-op and hide every INFO line.
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                      datefmt="%H:%M:%S", force=True)
-  for noisy in ("absl", "jax._src.xla_bridge"):  # orbax's per-save chatter; "no TPU found"
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  setup_logging()
   log = logging.getLogger(default)
   sharding.initialize_distributed()  # no-op unless launched as one of several processes
   cfg, path = load(cls, args.config, overrides, default=default)
