@@ -221,7 +221,7 @@ def test_intermediates_match_transformers(ours, batch, reference, hf_model):
 def test_bfloat16_compute(gt_model_dir, gt, batch):
   """bf16 matmuls (params, LayerNorm and softmax statistics stay float32) against float32.
 
-  Measured on this batch (40 rows, real positions): CLS hidden state max abs 1.8e-2, min cosine
+  Measured on this batch (40 rows, real positions): CLS hidden state max abs 2.0e-2, min cosine
   0.99997; L2-normalised mean embedding max abs 2.0e-3, min cosine 0.99992. Bounds: about 2.5x
   the measured error, and cosine > 0.9995.
   """
