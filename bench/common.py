@@ -209,6 +209,34 @@ def strip_flag(argv: list[str], flags: tuple[str, ...]) -> list[str]:
   return out
 
 
+def compare(times: dict, batch: int, flops: float, mem: dict, cpu: dict | None = None) -> dict:
+  """The row fields every side-by-side benchmark reports, from interleaved `times` (and CPU
+  times) of "jax" and "torch": seq/s, GFLOP/s, spreads, ratio ours/torch, memory, command."""
+  tj, tt = med(times["jax"]), med(times["torch"])
+  row = {"jax_seq_s": batch / tj, "torch_seq_s": batch / tt, "ratio": tt / tj,
+         "jax_gflops": flops / tj / 1e9, "torch_gflops": flops / tt / 1e9,
+         "jax_spread": spread(times["jax"]), "torch_spread": spread(times["torch"]),
+         "memory": mem, "command": command_line()}
+  if cpu:
+    row["ratio_cpu_time"] = med(cpu["torch"]) / med(cpu["jax"])
+  return row
+
+
+def fmt_compare(row: dict) -> str:
+  """'ours X seq/s (G GFLOP/s, spread), torch ..., ours/torch R' from a `compare` row."""
+  out = (f"ours {row['jax_seq_s']:.2f} seq/s ({row['jax_gflops']:.0f} GFLOP/s, "
+         f"{row['jax_spread']}), torch {row['torch_seq_s']:.2f} seq/s "
+         f"({row['torch_gflops']:.0f} GFLOP/s, {row['torch_spread']}), "
+         f"ours/torch {row['ratio']:.2f}x")
+  if "ratio_cpu_time" in row:
+    out += f" (cpu-time {row['ratio_cpu_time']:.2f}x)"
+  return out
+
+
+def fmt_peak_rss(mem: dict) -> str:
+  return f"peak RSS ours {fmt_mem(mem.get('jax'))}, torch {fmt_mem(mem.get('torch'))}"
+
+
 def fmt_mem(m: dict | None) -> str:
   if not m:
     return "-"

@@ -189,27 +189,17 @@ def main(argv=None) -> int:
     for fw in ("jax", "torch"):
       mem[fw] = common.child_memory("bench.distill_step",
                                     common.strip_flag(argv, ("--json", "--repeats")), fw)
-  tj, tt = common.med(t["jax"]), common.med(t["torch"])
   row = {"bench": "distill_step", "teacher": args.teacher, "student": args.student,
          "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
          "teacher_dtype": args.teacher_dtype, "variant": args.variant,
          "prng": args.prng or "default", "torch_full_forward": args.torch_full_forward,
-         "jax_seq_s": args.batch / tj, "torch_seq_s": args.batch / tt, "ratio": tt / tj,
-         "ratio_cpu_time": common.med(cpu["torch"]) / common.med(cpu["jax"]),
-         "jax_gflops": flops / tj / 1e9, "torch_gflops": flops / tt / 1e9,
          "first_loss_jax": losses["jax"], "first_loss_torch": losses["torch"],
          "jax_first_step_s": first["jax"], "torch_first_step_s": first["torch"],
-         "jax_spread": common.spread(t["jax"]), "torch_spread": common.spread(t["torch"]),
-         "memory": mem, "command": common.command_line()}
+         **common.compare(t, args.batch, flops, mem, cpu)}
   print(f"{args.teacher} -> {args.student} B{args.batch} S{args.seq} {args.dtype} "
-        f"(teacher {args.teacher_dtype}): ours {row['jax_seq_s']:.2f} seq/s "
-        f"({row['jax_gflops']:.0f} GFLOP/s, {row['jax_spread']}), torch "
-        f"{row['torch_seq_s']:.2f} seq/s ({row['torch_gflops']:.0f} GFLOP/s, "
-        f"{row['torch_spread']}), ours/torch {row['ratio']:.2f}x "
-        f"(cpu-time {row['ratio_cpu_time']:.2f}x); first-step loss ours {losses['jax']:.5f} "
-        f"torch {losses['torch']:.5f}; first step ours {first['jax']:.1f} s (compile), torch "
-        f"{first['torch']:.1f} s; peak RSS ours {common.fmt_mem(mem.get('jax'))}, torch "
-        f"{common.fmt_mem(mem.get('torch'))}", flush=True)
+        f"(teacher {args.teacher_dtype}): {common.fmt_compare(row)}; first-step loss ours "
+        f"{losses['jax']:.5f} torch {losses['torch']:.5f}; first step ours {first['jax']:.1f} s "
+        f"(compile), torch {first['torch']:.1f} s; {common.fmt_peak_rss(mem)}", flush=True)
   common.emit(row, args.json)
   return 0
 

@@ -88,28 +88,18 @@ def main(argv=None) -> int:
                                            args.torch_attn)
       t = common.interleaved({"jax": ours, "torch": theirs}, args.repeats, args.warmup)
       flops = common.forward_flops(cfg, seq) * args.batch
-      tj, tt = common.med(t["jax"]), common.med(t["torch"])
       mem = {}
       if not args.no_memory:
         child_argv = common.strip_flag(argv, ("--presets", "--seqs", "--json", "--repeats"))
         child_argv += ["--presets", preset, "--seqs", str(seq)]
         for fw in ("jax", "torch"):
           mem[fw] = common.child_memory("bench.inference", child_argv, fw)
-      row = {
-          "bench": "inference", "preset": preset, "batch": args.batch, "seq": seq,
-          "dtype": args.dtype, "variant": args.variant, "torch_attn": args.torch_attn,
-          "jax_seq_s": args.batch / tj, "torch_seq_s": args.batch / tt, "ratio": tt / tj,
-          "jax_gflops": flops / tj / 1e9, "torch_gflops": flops / tt / 1e9,
-          "jax_spread": common.spread(t["jax"]), "torch_spread": common.spread(t["torch"]),
-          "max_abs_diff": diff, "memory": mem, "command": common.command_line(),
-      }
+      row = {"bench": "inference", "preset": preset, "batch": args.batch, "seq": seq,
+             "dtype": args.dtype, "variant": args.variant, "torch_attn": args.torch_attn,
+             "max_abs_diff": diff, **common.compare(t, args.batch, flops, mem)}
       print(f"{preset} B{args.batch} S{seq} {args.dtype} [{args.variant}]: "
-            f"ours {row['jax_seq_s']:.1f} seq/s ({row['jax_gflops']:.0f} GFLOP/s, "
-            f"{row['jax_spread']}), torch {row['torch_seq_s']:.1f} seq/s "
-            f"({row['torch_gflops']:.0f} GFLOP/s, {row['torch_spread']}), "
-            f"ours/torch {row['ratio']:.2f}x, max|diff| {diff:.1e}; "
-            f"peak RSS ours {common.fmt_mem(mem.get('jax'))}, "
-            f"torch {common.fmt_mem(mem.get('torch'))}", flush=True)
+            f"{common.fmt_compare(row)}, max|diff| {diff:.1e}; {common.fmt_peak_rss(mem)}",
+            flush=True)
       common.emit(row, args.json)
   return 0
 

@@ -145,25 +145,15 @@ def main(argv=None) -> int:
     for fw in ("jax", "torch"):
       mem[fw] = common.child_memory("bench.train_step",
                                     common.strip_flag(argv, ("--json", "--repeats")), fw)
-  tj, tt = common.med(t["jax"]), common.med(t["torch"])
   row = {"bench": "train_step", "preset": args.preset, "batch": args.batch, "seq": args.seq,
          "dtype": args.dtype, "variant": args.variant, "prng": args.prng or "default",
          "remat": args.remat, "dropout": not args.no_dropout,
-         "jax_seq_s": args.batch / tj, "torch_seq_s": args.batch / tt, "ratio": tt / tj,
-         "ratio_cpu_time": common.med(cpu["torch"]) / common.med(cpu["jax"]),
-         "jax_gflops": flops / tj / 1e9, "torch_gflops": flops / tt / 1e9,
          "jax_first_step_s": first["jax"], "torch_first_step_s": first["torch"],
-         "jax_spread": common.spread(t["jax"]), "torch_spread": common.spread(t["torch"]),
-         "memory": mem, "command": common.command_line()}
+         **common.compare(t, args.batch, flops, mem, cpu)}
   print(f"{args.preset} B{args.batch} S{args.seq} {args.dtype} [{args.variant}, "
-        f"prng {row['prng']}{', remat' if args.remat else ''}]: "
-        f"ours {row['jax_seq_s']:.2f} seq/s ({row['jax_gflops']:.0f} GFLOP/s, "
-        f"{row['jax_spread']}), torch {row['torch_seq_s']:.2f} seq/s "
-        f"({row['torch_gflops']:.0f} GFLOP/s, {row['torch_spread']}), "
-        f"ours/torch {row['ratio']:.2f}x (cpu-time {row['ratio_cpu_time']:.2f}x); "
+        f"prng {row['prng']}{', remat' if args.remat else ''}]: {common.fmt_compare(row)}; "
         f"first step ours {first['jax']:.1f} s (compile), torch {first['torch']:.1f} s; "
-        f"peak RSS ours {common.fmt_mem(mem.get('jax'))}, "
-        f"torch {common.fmt_mem(mem.get('torch'))}", flush=True)
+        f"{common.fmt_peak_rss(mem)}", flush=True)
   common.emit(row, args.json)
   return 0
 
