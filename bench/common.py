@@ -74,7 +74,15 @@ def add_args(p: argparse.ArgumentParser, repeats: int = 5, warmup: int = 2):
   p.add_argument("--no-memory", action="store_true",
                  help="skip the per-framework child processes that measure peak memory")
   p.add_argument("--json", default=None, help="append result rows to this JSONL file")
+  p.add_argument("--torch-dtype", default="same", choices=("same", "float32", "bfloat16"),
+                 help="PyTorch's precision: 'same' as ours (bfloat16 = torch.autocast), or "
+                      "pinned, e.g. float32 eager against our bfloat16 mixed precision")
   return p
+
+
+def torch_autocast(torch_dtype: str, ours_dtype: str) -> bool:
+  """Whether PyTorch runs under autocast(bfloat16) for `--torch-dtype` against our dtype."""
+  return (ours_dtype if torch_dtype == "same" else torch_dtype) != "float32"
 
 
 # --- FLOPs ----------------------------------------------------------------------------------

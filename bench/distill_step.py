@@ -114,8 +114,8 @@ def build_case(args):
   tb = {k: torch.from_numpy(host[k].astype(np.int64))
         for k in ("input_ids", "attention_mask", "token_type_ids")}
   mask = tb["attention_mask"]
-  t_autocast = args.teacher_dtype != "float32"
-  s_autocast = args.dtype != "float32"
+  t_autocast = common.torch_autocast(args.torch_dtype, args.teacher_dtype)
+  s_autocast = common.torch_autocast(args.torch_dtype, args.dtype)
 
   def run(model, autocast):
     try:
@@ -190,14 +190,15 @@ def main(argv=None) -> int:
       mem[fw] = common.child_memory("bench.distill_step",
                                     common.strip_flag(argv, ("--json", "--repeats")), fw)
   row = {"bench": "distill_step", "teacher": args.teacher, "student": args.student,
-         "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+         "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "torch_dtype": args.torch_dtype,
          "teacher_dtype": args.teacher_dtype, "variant": args.variant,
          "prng": args.prng or "default", "torch_full_forward": args.torch_full_forward,
          "first_loss_jax": losses["jax"], "first_loss_torch": losses["torch"],
          "jax_first_step_s": first["jax"], "torch_first_step_s": first["torch"],
          **common.compare(t, args.batch, flops, mem, cpu)}
   print(f"{args.teacher} -> {args.student} B{args.batch} S{args.seq} {args.dtype} "
-        f"(teacher {args.teacher_dtype}): {common.fmt_compare(row)}; first-step loss ours "
+        f"(teacher {args.teacher_dtype}, torch {args.torch_dtype}): {common.fmt_compare(row)}; "
+        f"first-step loss ours "
         f"{losses['jax']:.5f} torch {losses['torch']:.5f}; first step ours {first['jax']:.1f} s "
         f"(compile), torch {first['torch']:.1f} s; {common.fmt_peak_rss(mem)}", flush=True)
   common.emit(row, args.json)

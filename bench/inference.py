@@ -20,7 +20,8 @@ from bench import common
 DEFAULT_PRESETS = ("all-minilm-l6-v2", "minilm-l12-h384-uncased")
 
 
-def build_case(preset: str, batch: int, seq: int, dtype: str, variant: str, torch_attn: str):
+def build_case(preset: str, batch: int, seq: int, dtype: str, variant: str, torch_attn: str,
+               torch_dtype: str = "same"):
   """-> (cfg, jax step, torch step, max |ours - torch| on the last hidden state)."""
   import flax.nnx as nnx
   import jax
@@ -49,7 +50,7 @@ def build_case(preset: str, batch: int, seq: int, dtype: str, variant: str, torc
 
   tm = common.torch_model(model, cfg, "encoder", attn=torch_attn).eval()
   tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in host.items()}
-  autocast = dtype != "float32"
+  autocast = common.torch_autocast(torch_dtype, dtype)
 
   def theirs():
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
 
   if args.only:  # child: one framework, one case, memory only
     cfg, ours, theirs, _ = build_case(args.presets[0], args.batch, args.seqs[0], args.dtype,
-                                      args.variant, args.torch_attn)
+                                      args.variant, args.torch_attn, args.torch_dtype)
     step = ours if args.only == "jax" else theirs
     print("MEMORY " + __import__("json").dumps(common.memory_probe(step, args.warmup)))
     return 0
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
   for preset in args.presets:
     for seq in args.seqs:
       cfg, ours, theirs, diff = build_case(preset, args.batch, seq, args.dtype, args.variant,
-                                           args.torch_attn)
+                                           args.torch_attn, args.torch_dtype)
       t = common.interleaved({"jax": ours, "torch": theirs}, args.repeats, args.warmup)
       flops = common.forward_flops(cfg, seq) * args.batch
       mem = {}
@@ -95,9 +96,11 @@ def main(argv=None) -> int:
         for fw in ("jax", "torch"):
           mem[fw] = common.child_memory("bench.inference", child_argv, fw)
       row = {"bench": "inference", "preset": preset, "batch": args.batch, "seq": seq,
-             "dtype": args.dtype, "variant": args.variant, "torch_attn": args.torch_attn,
+             "dtype": args.dtype, "torch_dtype": args.torch_dtype, "variant": args.variant,
+             "torch_attn": args.torch_attn,
              "max_abs_diff": diff, **common.compare(t, args.batch, flops, mem)}
-      print(f"{preset} B{args.batch} S{seq} {args.dtype} [{args.variant}]: "
+      print(f"{preset} B{args.batch} S{seq} {args.dtype} (torch {args.torch_dtype}) "
+            f"[{args.variant}]: "
             f"{common.fmt_compare(row)}, max|diff| {diff:.1e}; {common.fmt_peak_rss(mem)}",
             flush=True)
       common.emit(row, args.json)

@@ -109,7 +109,7 @@ def build_case(args, num_labels: int = 2):
     return jax.block_until_ready((box["state"], metrics))
 
   theirs = torch_step(tm, host, optim.learning_rate, total, int(0.06 * total),
-                      bf16=args.dtype != "float32")
+                      bf16=common.torch_autocast(args.torch_dtype, args.dtype))
 
   first = {}
   for name, fn in (("jax", ours), ("torch", theirs)):
@@ -146,12 +146,14 @@ def main(argv=None) -> int:
       mem[fw] = common.child_memory("bench.train_step",
                                     common.strip_flag(argv, ("--json", "--repeats")), fw)
   row = {"bench": "train_step", "preset": args.preset, "batch": args.batch, "seq": args.seq,
-         "dtype": args.dtype, "variant": args.variant, "prng": args.prng or "default",
+         "dtype": args.dtype, "torch_dtype": args.torch_dtype, "variant": args.variant,
+         "prng": args.prng or "default",
          "remat": args.remat, "dropout": not args.no_dropout,
          "jax_first_step_s": first["jax"], "torch_first_step_s": first["torch"],
          **common.compare(t, args.batch, flops, mem, cpu)}
-  print(f"{args.preset} B{args.batch} S{args.seq} {args.dtype} [{args.variant}, "
-        f"prng {row['prng']}{', remat' if args.remat else ''}]: {common.fmt_compare(row)}; "
+  print(f"{args.preset} B{args.batch} S{args.seq} {args.dtype} (torch {args.torch_dtype}) "
+        f"[{args.variant}, prng {row['prng']}{', remat' if args.remat else ''}]: "
+        f"{common.fmt_compare(row)}; "
         f"first step ours {first['jax']:.1f} s (compile), torch {first['torch']:.1f} s; "
         f"{common.fmt_peak_rss(mem)}", flush=True)
   common.emit(row, args.json)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from minilm_jax.config import ModelConfig
-from minilm_jax.model import Dense, Encoder, LayerNorm, activation, dropout
+from minilm_jax.model import Dense, Encoder, LayerNorm, activation, dropout, matmul
 
 Array = jax.Array
 
@@ -103,6 +103,5 @@ class MLMHead(nnx.Module):
 
   def __call__(self, hidden: Array, word_embeddings: Array) -> Array:
     x = self.ln(self.act(self.transform(hidden)))
-    logits = jnp.einsum("BTD,VD->BTV", x, word_embeddings.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = matmul("BTD,VD->BTV", x, word_embeddings, self.dtype)
     return logits + self.bias[...].astype(jnp.float32)

@@ -13,6 +13,7 @@ Parameters carry `logical_axes` metadata; only `sharding.py` maps those names to
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.nnx as nnx
@@ -34,6 +35,44 @@ def _param(rngs: nnx.Rngs, cfg: ModelConfig, shape, axes, init: str = "normal") 
   return nnx.Param(value, logical_axes=axes)
 
 
+def matmul(eqn: str, x: Array, y: Array, dtype) -> Array:
+  """einsum of `x` and `y` cast to `dtype`, accumulated and returned in float32.
+
+  Mixed precision as accelerators run it, and the fast path on CPUs: XLA:CPU hands bfloat16
+  operands with a float32 result to its AMX kernels (YNNPACK), about 3-4x its float32 matmul
+  here, while a bfloat16 result falls back to a generic kernel no faster than float32
+  (bench/README.md). Callers add their epilogue (bias, normalisation) in float32 and cast back.
+  For a low-precision `dtype` the backward pass keeps that shape: the cotangent is cast to
+  `dtype` and both gradient matmuls accumulate in float32 (plain autodiff would upcast the
+  operands and run them in float32)."""
+  if jnp.dtype(dtype) == jnp.float32:
+    return jnp.einsum(eqn, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+  return _mixed_matmul(eqn, x.astype(dtype), y.astype(dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _mixed_matmul(eqn: str, x: Array, y: Array) -> Array:
+  return jnp.einsum(eqn, x, y, preferred_element_type=jnp.float32)
+
+
+def _mixed_matmul_fwd(eqn, x, y):
+  return _mixed_matmul(eqn, x, y), (x, y)
+
+
+def _mixed_matmul_bwd(eqn, res, g):
+  # For "lhs,rhs->out" with no index private to one operand: dx = out,rhs->lhs; dy = lhs,out->rhs.
+  x, y = res
+  lhs, rest = eqn.split(",")
+  rhs, out = rest.split("->")
+  g = g.astype(x.dtype)
+  dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, y, preferred_element_type=jnp.float32)
+  dy = jnp.einsum(f"{lhs},{out}->{rhs}", x, g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dy.astype(y.dtype)
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
 class Dense(nnx.Module):
   """kernel + bias applied with an explicit einsum, so heads stay a separate axis."""
 
@@ -45,8 +84,8 @@ class Dense(nnx.Module):
     self.bias = _param(rngs, cfg, bias_shape, bias_axes, init="zeros")
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.einsum(self.eqn, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype)
+    y = matmul(self.eqn, x, self.kernel[...], self.dtype)
+    return (y + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -134,6 +173,27 @@ class Embeddings(nnx.Module):
     return dropout(self.ln(x), self.cfg.hidden_dropout, dropout_rng)
 
 
+def attend(q: Array, k: Array, v: Array, bias: Array, cfg: ModelConfig, dropout_rng
+           ) -> tuple[Array, Array]:
+  """Scaled dot-product attention on (B,T,N,H) q and (B,S,N,H) k, v with an additive bias
+  broadcastable to (B,N,T,S) -> (context (B,T,N,H) in the compute dtype, float32 logits).
+
+  Heads-major (B,N,T,H) operands: XLA:CPU runs the batched matmuls without relayouts around
+  them. softmax(l) @ v is computed as (exp(l - m) @ v) / sum(exp(l - m)): the division touches
+  (B,N,T,H) instead of (B,N,T,S). Dropout on the unnormalised weights equals dropout on the
+  probabilities (a mask and a scale commute with the division). Together 1.6x on the CPU
+  forward at S128 (bench/README.md)."""
+  dtype = cfg.compute_dtype
+  bnth = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731
+  logits = matmul("BNTH,BNSH->BNTS", bnth(q), bnth(k), dtype) / math.sqrt(q.shape[-1]) + bias
+  # m needs no gradient: the result does not depend on it.
+  e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+  denom = e.sum(-1, keepdims=True)  # (B,N,T,1)
+  e = dropout(e.astype(dtype), cfg.attention_dropout, dropout_rng)
+  ctx = matmul("BNTS,BNSH->BNTH", e, bnth(v), dtype) / denom
+  return bnth(ctx.astype(dtype)), logits
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -156,22 +216,7 @@ class Attention(nnx.Module):
       ctx = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype),
                                          implementation="cudnn")
     else:
-      # Heads-major (B,N,T,H) operands: XLA:CPU runs the batched matmuls without relayouts
-      # around them. softmax(l) @ v is computed as (exp(l - m) @ v) / sum(exp(l - m)): the
-      # division touches (B,N,T,H) instead of (B,N,T,S). Dropout on the unnormalised weights
-      # equals dropout on the probabilities (a mask and a scale commute with the division).
-      # Together 1.6x on the CPU forward at S128 (bench/README.md).
-      bnth = lambda a: a.transpose(0, 2, 1, 3)
-      logits = jnp.einsum("BNTH,BNSH->BNTS", bnth(q), bnth(k),
-                          preferred_element_type=jnp.float32)
-      logits = logits / math.sqrt(cfg.head_dim) + bias
-      inter["attention_logits"] = logits
-      # m needs no gradient: the result does not depend on it.
-      e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
-      denom = e.sum(-1, keepdims=True)  # (B,N,T,1)
-      e = dropout(e.astype(cfg.compute_dtype), cfg.attention_dropout, dropout_rng)
-      ctx = jnp.einsum("BNTS,BNSH->BNTH", e, bnth(v))
-      ctx = bnth(ctx / denom.astype(ctx.dtype))  # (B,T,N,H)
+      ctx, inter["attention_logits"] = attend(q, k, v, bias, cfg, dropout_rng)
     return self.o(ctx), inter
 
 

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilm_jax import losses
-from minilm_jax.model import attention_bias, dropout
+from minilm_jax.model import attend, attention_bias, dropout, matmul
 from minilm_jax.trainer import Objective
 
 Array = jax.Array
@@ -263,11 +263,6 @@ def _block(layer, x: Array, attend: Callable, rng: Array | None):
   return x, extra
 
 
-def _softmax(logits: Array, cfg, rng) -> Array:
-  probs = jax.nn.softmax(logits, axis=-1).astype(cfg.compute_dtype)
-  return dropout(probs, cfg.attention_dropout, rng)
-
-
 def encode(encoder, input_ids: Array, attention_mask: Array, token_type_ids: Array,
            position_ids: Array, *, dropout_rng: Array | None = None
            ) -> tuple[Array, list[tuple[Array, Array]]]:
@@ -282,11 +277,9 @@ def encode(encoder, input_ids: Array, attention_mask: Array, token_type_ids: Arr
   bias = attention_bias(attention_mask)  # B1LL
 
   def run(layer, x, bias, rng):
-    def attend(q, k, v, rng):
-      logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
-      probs = _softmax(logits / math.sqrt(cfg.head_dim) + bias, cfg, rng)
-      return jnp.einsum("BNTS,BSNH->BTNH", probs, v), (k, v)
-    return _block(layer, x, attend, rng)
+    def core(q, k, v, rng):
+      return attend(q, k, v, bias, cfg, rng)[0], (k, v)
+    return _block(layer, x, core, rng)
 
   if cfg.remat:
     run = nnx.remat(run)
@@ -388,6 +381,7 @@ def _cached_decoder(model, source_ids: Array, num_source: Array, max_len: int, b
   cfg = model.cfg
   b, s = source_ids.shape
   n, h, scale = cfg.num_heads, cfg.head_dim, 1.0 / math.sqrt(cfg.head_dim)
+  dtype = cfg.compute_dtype
   inputs = s2s_inputs(cfg, source_ids, num_source, source_ids[:, :0], num_source * 0)
   _, src_kv = encode(model.encoder, **inputs)  # source rows only see the source
   src_bias = jnp.where(jnp.arange(s)[None, :] < num_source[:, None], 0.0, _NEG)  # BS
@@ -409,17 +403,16 @@ def _cached_decoder(model, source_ids: Array, num_source: Array, max_len: int, b
       def attend(q, k, v, rng, sk=sk, sv=sv, ck=ck, cv=cv):
         del rng
         q, k, v = (a.reshape(b, k_beams, m, n, h) for a in (q, k, v))
-        f32 = dict(preferred_element_type=jnp.float32)
         logits = jnp.concatenate([
-            jnp.einsum("BKTNH,BSNH->BKNTS", q, sk, **f32) * scale + src_bias,
-            jnp.einsum("BKTNH,BKSNH->BKNTS", q, ck, **f32) * scale + cache_bias,
-            jnp.einsum("BKTNH,BKSNH->BKNTS", q, k, **f32) * scale + own_bias], axis=-1)
-        probs = _softmax(logits, cfg, None)
+            matmul("BKTNH,BSNH->BKNTS", q, sk, dtype) * scale + src_bias,
+            matmul("BKTNH,BKSNH->BKNTS", q, ck, dtype) * scale + cache_bias,
+            matmul("BKTNH,BKSNH->BKNTS", q, k, dtype) * scale + own_bias], axis=-1)
+        probs = jax.nn.softmax(logits, axis=-1)
         ps, pc, po = jnp.split(probs, [s, s + t_cache], axis=-1)
-        ctx = (jnp.einsum("BKNTS,BSNH->BKTNH", ps, sv)
-               + jnp.einsum("BKNTS,BKSNH->BKTNH", pc, cv)
-               + jnp.einsum("BKNTS,BKSNH->BKTNH", po, v))
-        return ctx.reshape(b * k_beams, m, n, h), (k, v)
+        ctx = (matmul("BKNTS,BSNH->BKTNH", ps, sv, dtype)
+               + matmul("BKNTS,BKSNH->BKTNH", pc, cv, dtype)
+               + matmul("BKNTS,BKSNH->BKTNH", po, v, dtype))
+        return ctx.reshape(b * k_beams, m, n, h).astype(dtype), (k, v)
       x, kv = _block(layer, x, attend, None)
       new_kv.append(kv)
     logits = _mlm_logits(model, x[:, -1:])[:, 0]

@@ -14,7 +14,7 @@ import pytest
 from conftest import random_batch, tiny_roberta
 
 from minilm_jax.heads import MaskedLM, SequenceClassifier, SpanQA
-from minilm_jax.model import Encoder
+from minilm_jax.model import Encoder, matmul
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,39 @@ def test_bfloat16_compute(tiny_cfg, batch):
   assert hidden.dtype == jnp.bfloat16 and out["q"][0].dtype == jnp.bfloat16
   assert out["attention_logits"][0].dtype == jnp.float32  # softmax statistics stay float32
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(enc, nnx.Param)))
+
+
+def test_matmul_accumulates_in_float32():
+  # 3000 ones: a bfloat16 accumulator (8 significant bits) cannot hold 3000, float32 can.
+  x = jnp.ones((2, 3000), jnp.float32)
+  y = jnp.ones((3000, 3), jnp.float32)
+  out = matmul("TK,KN->TN", x, y, jnp.bfloat16)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out), 3000.0)
+
+
+@pytest.mark.parametrize("eqn", ["BTD,DNH->BTNH", "BTNH,NHD->BTD", "BD,DE->BE",
+                                 "BNTH,BNSH->BNTS", "BNTS,BNSH->BNTH", "BTD,VD->BTV"])
+def test_matmul_gradients(eqn):
+  """The bfloat16 backward pass (cotangent cast to bf16, float32 accumulation) gives the
+  float32 gradients to bf16 precision, in the operands' own dtypes; float32 is plain einsum."""
+  sizes = dict(B=2, T=5, S=6, D=8, N=2, H=4, E=3, V=7)
+  lhs, rest = eqn.split(",")
+  rhs, out = rest.split("->")
+  rng = np.random.default_rng(0)
+  x, y = (jnp.asarray(rng.normal(size=[sizes[c] for c in spec]), jnp.float32)
+          for spec in (lhs, rhs))
+  w = jnp.asarray(rng.normal(size=[sizes[c] for c in out]), jnp.float32)
+  loss = lambda dtype: lambda x, y: jnp.sum(matmul(eqn, x, y, dtype) * w)  # noqa: E731
+  want = jax.grad(lambda x, y: jnp.sum(jnp.einsum(eqn, x, y) * w), (0, 1))(x, y)
+  exact = jax.grad(loss(jnp.float32), (0, 1))(x, y)
+  mixed = jax.grad(loss(jnp.bfloat16), (0, 1))(x, y)
+  for e, m, ref in zip(exact, mixed, want):
+    np.testing.assert_allclose(e, ref, rtol=1e-5, atol=1e-5)
+    assert m.dtype == jnp.float32
+    scale = float(jnp.abs(ref).max())
+    np.testing.assert_allclose(m, ref, atol=0.05 * scale)
+    assert float(jnp.abs(m - ref).max()) > 0  # the bf16 path really ran in bf16
 
 
 @pytest.mark.parametrize("roberta", [False, True], ids=["bert", "roberta"])
