@@ -14,6 +14,11 @@ resets the kernel's high-water mark (`/proc/self/clear_refs`, Linux) after warm-
 
 XLA flags are read when jax initialises: pass them in the environment
 (`XLA_FLAGS=... python -m bench.inference`); every script prints the flags in effect.
+
+Importing this module applies `minilm_jax.tune_host_malloc()` (glibc malloc keeps and reuses
+large blocks; see minilm_jax/runtime.py) before jax starts, as the train/ entry points do. It is
+process-wide, so PyTorch in the same process runs with the same allocator settings.
+`MINILM_JAX_TUNE_MALLOC=0` measures without it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from minilm_jax import runtime
+
+MALLOC_TUNED = runtime.tune_host_malloc()
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +70,8 @@ def describe_env() -> str:
   return (f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}; "
           f"{os.cpu_count()} cores, {cpu}; load avg {load:.1f}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}")
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(none)'}; "
+          f"malloc {'tuned' if MALLOC_TUNED else 'default'}")
 
 
 def add_args(p: argparse.ArgumentParser, repeats: int = 5, warmup: int = 2):

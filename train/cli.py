@@ -184,7 +184,8 @@ def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
   import argparse
   import logging
 
-  from minilm_jax import sharding, trainer
+  from minilm_jax import runtime, sharding, trainer
+  runtime.tune_host_malloc()  # before JAX starts its backend; see runtime.py
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--config", default=None,
                  help=f"YAML file or a name in train/configs/ (default: {default})")
