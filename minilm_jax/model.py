@@ -47,6 +47,11 @@ def matmul(eqn: str, x: Array, y: Array, dtype) -> Array:
   operands and run them in float32)."""
   if jnp.dtype(dtype) == jnp.float32:
     return jnp.einsum(eqn, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+  lhs, rest = eqn.split(",")
+  rhs, out = rest.split("->")
+  if set(lhs) - set(rhs + out) or set(rhs) - set(lhs + out):
+    raise ValueError(f"matmul({eqn!r}): an index summed within one operand has no mixed-precision "
+                     "gradient rule; sum it first")
   return _mixed_matmul(eqn, x.astype(dtype), y.astype(dtype))
 
 

@@ -152,6 +152,11 @@ def test_matmul_gradients(eqn):
     assert float(jnp.abs(m - ref).max()) > 0  # the bf16 path really ran in bf16
 
 
+def test_matmul_rejects_an_index_private_to_one_operand():
+  with pytest.raises(ValueError, match="summed within one operand"):
+    matmul("BTD,DF->BF", jnp.ones((2, 3, 4)), jnp.ones((4, 5)), jnp.bfloat16)
+
+
 @pytest.mark.parametrize("roberta", [False, True], ids=["bert", "roberta"])
 def test_heads(tiny_cfg, roberta):
   cfg = tiny_roberta(tiny_cfg) if roberta else tiny_cfg
