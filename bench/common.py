@@ -199,6 +199,20 @@ def memory_probe(step: Callable[[], object], warmup: int, steps: int = 2) -> dic
   return out
 
 
+def report_memory(ours: Callable[[], object], theirs: Callable[[], object], only: str,
+                  warmup: int) -> None:
+  """The child's side (`--only jax|torch`): probe that framework's step, print one MEMORY line."""
+  step = ours if only == "jax" else theirs
+  print("MEMORY " + json.dumps(memory_probe(step, warmup)), flush=True)
+
+
+def child_memories(module: str, argv: list[str], enabled: bool = True) -> dict:
+  """The parent's side: {"jax": probe, "torch": probe}, one child process each; {} if disabled."""
+  if not enabled:
+    return {}
+  return {fw: child_memory(module, argv, fw) for fw in ("jax", "torch")}
+
+
 def child_memory(module: str, argv: list[str], framework: str) -> dict:
   """Runs `python -m module argv --only framework` and parses its MEMORY JSON line."""
   cmd = [sys.executable, "-m", module, *argv, "--only", framework, "--no-memory"]

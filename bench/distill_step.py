@@ -21,7 +21,6 @@ FLOPs per step (nominal, full models): B * (teacher forward + 3 * student forwar
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -173,8 +172,7 @@ def main(argv=None) -> int:
 
   if args.only:
     _, ours, theirs, _, _ = build_case(args)
-    probe = common.memory_probe(ours if args.only == "jax" else theirs, args.warmup)
-    print("MEMORY " + json.dumps(probe))
+    common.report_memory(ours, theirs, args.only, args.warmup)
     return 0
 
   print(common.describe_env())
@@ -184,11 +182,8 @@ def main(argv=None) -> int:
   flops, ours, theirs, first, losses = build_case(args)
   cpu = {}
   t = common.interleaved({"jax": ours, "torch": theirs}, args.repeats, args.warmup, cpu=cpu)
-  mem = {}
-  if not args.no_memory:
-    for fw in ("jax", "torch"):
-      mem[fw] = common.child_memory("bench.distill_step",
-                                    common.strip_flag(argv, ("--json", "--repeats")), fw)
+  mem = common.child_memories("bench.distill_step",
+                              common.strip_flag(argv, ("--json", "--repeats")), not args.no_memory)
   row = {"bench": "distill_step", "teacher": args.teacher, "student": args.student,
          "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "torch_dtype": args.torch_dtype,
          "teacher_dtype": args.teacher_dtype, "variant": args.variant,

@@ -75,10 +75,9 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   if args.only:  # child: one framework, one case, memory only
-    cfg, ours, theirs, _ = build_case(args.presets[0], args.batch, args.seqs[0], args.dtype,
+    _, ours, theirs, _ = build_case(args.presets[0], args.batch, args.seqs[0], args.dtype,
                                       args.variant, args.torch_attn, args.torch_dtype)
-    step = ours if args.only == "jax" else theirs
-    print("MEMORY " + __import__("json").dumps(common.memory_probe(step, args.warmup)))
+    common.report_memory(ours, theirs, args.only, args.warmup)
     return 0
 
   print(common.describe_env())
@@ -90,12 +89,10 @@ def main(argv=None) -> int:
                                            args.torch_attn, args.torch_dtype)
       t = common.interleaved({"jax": ours, "torch": theirs}, args.repeats, args.warmup)
       flops = common.forward_flops(cfg, seq) * args.batch
-      mem = {}
-      if not args.no_memory:
-        child_argv = common.strip_flag(argv, ("--presets", "--seqs", "--json", "--repeats"))
-        child_argv += ["--presets", preset, "--seqs", str(seq)]
-        for fw in ("jax", "torch"):
-          mem[fw] = common.child_memory("bench.inference", child_argv, fw)
+      child_argv = common.strip_flag(argv, ("--presets", "--seqs", "--json", "--repeats"))
+      mem = common.child_memories("bench.inference",
+                                  child_argv + ["--presets", preset, "--seqs", str(seq)],
+                                  not args.no_memory)
       row = {"bench": "inference", "preset": preset, "batch": args.batch, "seq": seq,
              "dtype": args.dtype, "torch_dtype": args.torch_dtype, "variant": args.variant,
              "torch_attn": args.torch_attn,

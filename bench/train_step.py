@@ -15,7 +15,6 @@ FLOPs per sequence: 3 x forward (backward = 2 x forward), optimizer excluded.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -129,8 +128,7 @@ def main(argv=None) -> int:
 
   if args.only:
     _, ours, theirs, _ = build_case(args)
-    probe = common.memory_probe(ours if args.only == "jax" else theirs, args.warmup)
-    print("MEMORY " + json.dumps(probe))
+    common.report_memory(ours, theirs, args.only, args.warmup)
     return 0
 
   print(common.describe_env())
@@ -140,11 +138,8 @@ def main(argv=None) -> int:
   cpu = {}
   t = common.interleaved({"jax": ours, "torch": theirs}, args.repeats, args.warmup, cpu=cpu)
   flops = 3 * common.forward_flops(cfg, args.seq) * args.batch
-  mem = {}
-  if not args.no_memory:
-    for fw in ("jax", "torch"):
-      mem[fw] = common.child_memory("bench.train_step",
-                                    common.strip_flag(argv, ("--json", "--repeats")), fw)
+  mem = common.child_memories("bench.train_step",
+                              common.strip_flag(argv, ("--json", "--repeats")), not args.no_memory)
   row = {"bench": "train_step", "preset": args.preset, "batch": args.batch, "seq": args.seq,
          "dtype": args.dtype, "torch_dtype": args.torch_dtype, "variant": args.variant,
          "prng": args.prng or "default",

@@ -47,12 +47,18 @@ def matmul(eqn: str, x: Array, y: Array, dtype) -> Array:
   operands and run them in float32)."""
   if jnp.dtype(dtype) == jnp.float32:
     return jnp.einsum(eqn, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
-  lhs, rest = eqn.split(",")
-  rhs, out = rest.split("->")
+  lhs, rhs, out = _operands(eqn)
   if set(lhs) - set(rhs + out) or set(rhs) - set(lhs + out):
     raise ValueError(f"matmul({eqn!r}): an index summed within one operand has no mixed-precision "
                      "gradient rule; sum it first")
   return _mixed_matmul(eqn, x.astype(dtype), y.astype(dtype))
+
+
+def _operands(eqn: str) -> tuple[str, str, str]:
+  """"lhs,rhs->out" -> (lhs, rhs, out)."""
+  lhs, rest = eqn.split(",")
+  rhs, out = rest.split("->")
+  return lhs, rhs, out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -67,8 +73,7 @@ def _mixed_matmul_fwd(eqn, x, y):
 def _mixed_matmul_bwd(eqn, res, g):
   # For "lhs,rhs->out" with no index private to one operand: dx = out,rhs->lhs; dy = lhs,out->rhs.
   x, y = res
-  lhs, rest = eqn.split(",")
-  rhs, out = rest.split("->")
+  lhs, rhs, out = _operands(eqn)
   g = g.astype(x.dtype)
   dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, y, preferred_element_type=jnp.float32)
   dy = jnp.einsum(f"{lhs},{out}->{rhs}", x, g, preferred_element_type=jnp.float32)
