@@ -49,6 +49,9 @@ class ModelConfig:
   # "xla": einsum attention (intermediates include attention logits); "cudnn": fused kernel via
   # jax.nn.dot_product_attention, for GPUs.
   attention_impl: Literal["xla", "cudnn"] = "xla"
+  # "xla" attention without dropout loops over blocks of this many queries (model.attend);
+  # 0 computes all queries at once.
+  attention_query_block: int = 128
   remat: bool = False
 
   def __post_init__(self):
@@ -59,6 +62,8 @@ class ModelConfig:
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(
             f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+    if self.attention_query_block < 0:
+      raise ValueError(f"attention_query_block must be >= 0, got {self.attention_query_block}")
 
   @property
   def head_dim(self) -> int:
