@@ -233,10 +233,13 @@ def _blocked_attention(q: Array, k: Array, v: Array, bias: Array, dtype, block: 
   """`_dense_attention` on heads-major operands, a block of queries at a time (`lax.map`).
 
   The dense core materialises (B,N,T,S) logits, which XLA:CPU softmaxes in several passes over
-  memory; blocks cut each pass to (B,N,block,S). At B32 S512 the attention forward takes 0.7x
-  the time in float32 and 0.5x in bfloat16 (bench/README.md). Gradients come from the dense
-  core, whose backward needs all the probabilities anyway."""
+  memory; blocks cut each pass to (B,N,block,S). And in the loop body the matmul operands are
+  plain row-major values, which XLA:CPU keeps in bfloat16 on AMX, where the dense core's
+  transposed operands get upcast to float32 matmuls. At B32 S512 the attention forward takes
+  0.7x the time in float32 and 0.5x in bfloat16 (bench/README.md). Gradients come from the
+  dense core, whose backward needs all the probabilities anyway."""
   b, n, t, h = q.shape
+  bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)  # broadcastable to (B,N,T,S)
   nb = -(-t // block)
   tq = -(-t // nb)  # blocks of at most `block`, padded by fewer than nb rows
   pad = nb * tq - t

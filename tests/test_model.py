@@ -120,10 +120,11 @@ def test_bfloat16_compute(tiny_cfg, batch):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("mask", ["keys", "per_query"])
+@pytest.mark.parametrize("mask", ["keys", "per_query", "causal_2d"])
 def test_blocked_attention_matches_dense(dtype, mask):
-  """Query blocks (T=11 in 3 blocks of 4, one padded row; a (B,S) key mask or a (B,T,S) mask
-  whose rows travel with their block) give the dense core's context, logits and gradients."""
+  """Query blocks (T=11 in 3 blocks of 4, one padded row; a (B,S) key mask, or a (B,T,S) mask or
+  a bare (T,S) bias whose rows travel with their block) give the dense core's context, logits
+  and gradients."""
   from minilm_jax.config import TINY
   blocked = TINY.replace(dtype=dtype, attention_query_block=4)
   dense = blocked.replace(attention_query_block=0)
@@ -133,6 +134,8 @@ def test_blocked_attention_matches_dense(dtype, mask):
   keep = rng.random((b, t, t) if mask == "per_query" else (b, t)) < 0.7
   keep[..., 0] = True  # every query sees a key
   bias = attention_bias(jnp.asarray(keep))
+  if mask == "causal_2d":
+    bias = jnp.where(jnp.tril(jnp.ones((t, t), bool)), 0.0, jnp.finfo(jnp.float32).min)
   w = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
 
   def run(cfg):
