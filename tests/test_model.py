@@ -121,14 +121,13 @@ def test_bfloat16_compute(tiny_cfg, batch):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mask", ["keys", "per_query", "causal_2d"])
-def test_blocked_attention_matches_dense(dtype, mask):
+def test_blocked_attention_matches_dense(tiny_cfg, dtype, mask):
   """Query blocks (T=11 in 3 blocks of 4, one padded row; a (B,S) key mask, or a (B,T,S) mask or
   a bare (T,S) bias whose rows travel with their block) give the dense core's context, logits
   and gradients."""
-  from minilm_jax.config import TINY
-  blocked = TINY.replace(dtype=dtype, attention_query_block=4)
+  blocked = tiny_cfg.replace(dtype=dtype, attention_query_block=4)
   dense = blocked.replace(attention_query_block=0)
-  b, t, n, h = 2, 11, TINY.num_heads, TINY.head_dim
+  b, t, n, h = 2, 11, tiny_cfg.num_heads, tiny_cfg.head_dim
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, h)), dtype) for _ in range(3))
   keep = rng.random((b, t, t) if mask == "per_query" else (b, t)) < 0.7
