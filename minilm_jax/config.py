@@ -52,6 +52,10 @@ class ModelConfig:
   # "xla" attention without dropout loops over blocks of this many queries (model.attend);
   # 0 computes all queries at once.
   attention_query_block: int = 128
+  # A forward without dropout (inference, evaluation, a frozen teacher) runs the batch through
+  # the whole encoder in chunks of about this many tokens (model.Encoder); 0 runs it at once.
+  # None: 2048 on CPU, where each chunk's activations then stay in cache, 0 elsewhere.
+  inference_chunk_tokens: int | None = None
   remat: bool = False
 
   def __post_init__(self):
@@ -64,6 +68,9 @@ class ModelConfig:
             f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
     if self.attention_query_block < 0:
       raise ValueError(f"attention_query_block must be >= 0, got {self.attention_query_block}")
+    if self.inference_chunk_tokens is not None and self.inference_chunk_tokens < 0:
+      raise ValueError(
+          f"inference_chunk_tokens must be >= 0 or None, got {self.inference_chunk_tokens}")
 
   @property
   def head_dim(self) -> int:

@@ -14,7 +14,7 @@ import pytest
 from conftest import random_batch, tiny_roberta
 
 from minilm_jax.heads import MaskedLM, SequenceClassifier, SpanQA
-from minilm_jax.model import Encoder, attend, attention_bias, matmul
+from minilm_jax.model import Encoder, attend, attention_bias, inference_chunks, matmul
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,47 @@ def test_blocked_attention_matches_dense(tiny_cfg, dtype, mask):
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=tol, atol=tol)
+
+
+def test_inference_chunks(tiny_cfg):
+  """Chunks of about `inference_chunk_tokens` tokens; None means 2048 on CPU (this machine)."""
+  auto = tiny_cfg.replace(inference_chunk_tokens=None)
+  assert [inference_chunks(auto, b, t) for b, t in [(32, 128), (32, 512), (16, 128), (5, 512),
+                                                     (1, 512), (31, 128)]] == [2, 8, 1, 2, 1, 2]
+  assert inference_chunks(tiny_cfg.replace(inference_chunk_tokens=0), 32, 512) == 1
+  assert inference_chunks(tiny_cfg.replace(inference_chunk_tokens=1), 3, 7) == 3  # <= batch
+  with pytest.raises(ValueError, match="inference_chunk_tokens must be >= 0"):
+    tiny_cfg.replace(inference_chunk_tokens=-1)
+
+
+@pytest.mark.parametrize("mask_rank", [2, 3])
+def test_chunked_forward_matches_whole_batch(tiny_cfg, mask_rank):
+  """A forward without dropout in chunks (B=5, T=6 in chunks of 2 rows: 3 chunks, one padded
+  row) gives every output and every parameter gradient of the whole-batch forward; with a
+  dropout key the batch runs whole."""
+  chunked = Encoder(tiny_cfg.replace(inference_chunk_tokens=12), rngs=nnx.Rngs(0))
+  whole = Encoder(tiny_cfg.replace(inference_chunk_tokens=0), rngs=nnx.Rngs(0))
+  batch = {k: jnp.asarray(v) for k, v in random_batch(tiny_cfg, batch=5, length=6).items()}
+  if mask_rank == 3:  # a per-query (B,T,S) mask, as seq2seq uses
+    batch["attention_mask"] = batch["attention_mask"][:, None, :] * jnp.tril(jnp.ones((6, 6)))
+
+  def loss(model):
+    hidden, out = model(**batch)
+    return jnp.sum(hidden ** 2) + jnp.sum(out["pooled"]), (hidden, out)
+
+  (got_loss, got), got_grads = nnx.value_and_grad(loss, has_aux=True)(chunked)
+  (want_loss, want), want_grads = nnx.value_and_grad(loss, has_aux=True)(whole)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves((got_loss, got, got_grads)),
+                  jax.tree.leaves((want_loss, want, want_grads))):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)  # sums over rows reassociate
+
+  graphdef, state = nnx.split(chunked)
+  jaxpr = lambda **kw: str(jax.make_jaxpr(  # noqa: E731
+      lambda s: nnx.merge(graphdef, s)(**batch, **kw)[0])(state))
+  assert "length=3" in jaxpr()  # the chunk loop really runs
+  assert "length=3" not in jaxpr(dropout_rng=jax.random.key(0))
 
 
 def test_matmul_accumulates_in_float32():
