@@ -93,7 +93,8 @@ def build_case(args):
                                 student_cfg=s_cfg)
   total, optim = 10_000, OptimConfig(learning_rate=1e-4, warmup_ratio=0.01)
   graphdef, state, tx, schedule = trainer.init_state(student, optim, total, s_cfg.num_layers, 0)
-  step_fn = jax.jit(trainer.make_train_step(graphdef, objective, tx, schedule, "stop"),
+  step_fn = jax.jit(trainer.make_train_step(graphdef, objective, tx, schedule, "stop",
+                                            microbatches=args.microbatches),
                     donate_argnums=0)
   frozen = objective.frozen
   host = common.random_batch(s_cfg, args.batch, args.seq)
@@ -165,6 +166,8 @@ def main(argv=None) -> int:
   p.add_argument("--variant", default="none")
   p.add_argument("--prng", default=None, choices=(None, "threefry2x32", "rbg", "unsafe_rbg"))
   p.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"))
+  p.add_argument("--microbatches", type=int, default=1,
+                 help="LoopConfig.microbatches: forward+backward over this many batch slices")
   p.add_argument("--torch-full-forward", action="store_true",
                  help="let PyTorch run the layers the loss never reads")
   common.add_args(p, repeats=3, warmup=1)
@@ -187,12 +190,14 @@ def main(argv=None) -> int:
   row = {"bench": "distill_step", "teacher": args.teacher, "student": args.student,
          "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "torch_dtype": args.torch_dtype,
          "teacher_dtype": args.teacher_dtype, "variant": args.variant,
+         "microbatches": args.microbatches,
          "prng": args.prng or "default", "torch_full_forward": args.torch_full_forward,
          "first_loss_jax": losses["jax"], "first_loss_torch": losses["torch"],
          "jax_first_step_s": first["jax"], "torch_first_step_s": first["torch"],
          **common.compare(t, args.batch, flops, mem, cpu)}
   print(f"{args.teacher} -> {args.student} B{args.batch} S{args.seq} {args.dtype} "
-        f"(teacher {args.teacher_dtype}, torch {args.torch_dtype}): {common.fmt_compare(row)}; "
+        f"(teacher {args.teacher_dtype}, torch {args.torch_dtype}, {args.microbatches} "
+        f"microbatch(es)): {common.fmt_compare(row)}; "
         f"first-step loss ours "
         f"{losses['jax']:.5f} torch {losses['torch']:.5f}; first step ours {first['jax']:.1f} s "
         f"(compile), torch {first['torch']:.1f} s; {common.fmt_peak_rss(mem)}", flush=True)

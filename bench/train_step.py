@@ -30,6 +30,8 @@ def add_model_args(p: argparse.ArgumentParser):
   p.add_argument("--prng", default=None, choices=(None, "threefry2x32", "rbg", "unsafe_rbg"),
                  help="jax_default_prng_impl for the dropout keys (default: jax's, threefry)")
   p.add_argument("--remat", action="store_true", help="cfg.remat=True (per-layer checkpointing)")
+  p.add_argument("--microbatches", type=int, default=1,
+                 help="LoopConfig.microbatches: forward+backward over this many batch slices")
   p.add_argument("--no-dropout", action="store_true", help="dropout 0 in both frameworks")
   p.add_argument("--torch-attn", default="sdpa", choices=("sdpa", "eager"))
 
@@ -96,7 +98,8 @@ def build_case(args, num_labels: int = 2):
   total, optim = 10_000, OptimConfig(learning_rate=5e-5, warmup_ratio=0.06)
   graphdef, state, tx, schedule = trainer.init_state(model, optim, total, cfg.num_layers, 0)
   step_fn = jax.jit(trainer.make_train_step(graphdef, finetune.classification(num_labels), tx,
-                                            schedule, "stop"), donate_argnums=0)
+                                            schedule, "stop", microbatches=args.microbatches),
+                    donate_argnums=0)
   host = common.random_batch(cfg, args.batch, args.seq)
   host["labels"] = np.random.default_rng(1).integers(0, num_labels, args.batch).astype(np.int32)
   host["weights"] = np.ones(args.batch, np.float32)
@@ -143,11 +146,12 @@ def main(argv=None) -> int:
   row = {"bench": "train_step", "preset": args.preset, "batch": args.batch, "seq": args.seq,
          "dtype": args.dtype, "torch_dtype": args.torch_dtype, "variant": args.variant,
          "prng": args.prng or "default",
-         "remat": args.remat, "dropout": not args.no_dropout,
+         "remat": args.remat, "microbatches": args.microbatches, "dropout": not args.no_dropout,
          "jax_first_step_s": first["jax"], "torch_first_step_s": first["torch"],
          **common.compare(t, args.batch, flops, mem, cpu)}
   print(f"{args.preset} B{args.batch} S{args.seq} {args.dtype} (torch {args.torch_dtype}) "
-        f"[{args.variant}, prng {row['prng']}{', remat' if args.remat else ''}]: "
+        f"[{args.variant}, prng {row['prng']}{', remat' if args.remat else ''}, "
+        f"{args.microbatches} microbatch(es)]: "
         f"{common.fmt_compare(row)}; "
         f"first step ours {first['jax']:.1f} s (compile), torch {first['torch']:.1f} s; "
         f"{common.fmt_peak_rss(mem)}", flush=True)

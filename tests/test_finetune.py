@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from conftest import random_batch
 
-from minilm_jax import data, finetune, pretrained, trainer
+from minilm_jax import data, distill, finetune, pretrained, trainer
 from minilm_jax.config import TINY
 from minilm_jax.optim import OptimConfig
 from train import cli
@@ -177,6 +179,49 @@ def _cli_args(tiny_hf_dir, tmp_path, out, extra=()):
           f"--loop.output_dir={out}", "--loop.batch_size=8", "--loop.log_every=1",
           "--loop.progress=false", "--export_hf=false"]
   return args + list(extra)
+
+
+@pytest.mark.parametrize("objective", ["classification", "minilm_v2"])
+def test_microbatches_take_the_whole_batch_step(objective):
+  """Without dropout, a step over 2 slices of a batch gives the whole-batch step: loss, aux
+  metrics, gradient norm and AdamW's moments (the gradients). The slices carry different weight
+  sums (a zero-weight row), so the loss and the aux means must be reweighted to agree. (Not the
+  new params: the attention key bias has a zero gradient up to rounding, which AdamW's first
+  step turns into +-lr either way.)"""
+  cfg = TINY.replace(num_layers=1, hidden_dropout=0.0, attention_dropout=0.0,
+                     initializer_range=0.3)
+  if objective == "classification":
+    model, obj = pretrained.build(cfg, "classification", 3, seed=0), finetune.classification(3)
+  else:  # a frozen teacher rides along
+    model = pretrained.build(cfg, "encoder", seed=1)
+    obj = distill.minilm_v2(pretrained.build(cfg, "encoder", seed=0), num_relation_heads=4)
+  batch = random_batch(cfg, batch=6, length=7)
+  batch["labels"] = np.array([0, 1, 2, 2, 1, 0], np.int32)
+  batch["weights"] = np.array([1, 1, 0, 1, 1, 1], np.float32)  # slices: rows 0,2,4 and 1,3,5
+
+  def step(microbatches):
+    graphdef, state, tx, schedule = trainer.init_state(model, OptimConfig(learning_rate=1e-2),
+                                                       10, cfg.num_layers, 0)
+    fn = trainer.make_train_step(graphdef, obj, tx, schedule, "stop", microbatches=microbatches)
+    return jax.jit(fn)(state, batch, obj.frozen)
+
+  (whole, metrics), (sliced, sliced_metrics) = step(1), step(2)
+  assert set(metrics) > {"loss", "grad_norm"}  # the objective's aux metrics are there
+  want, got = (metrics, whole["opt_state"]), (sliced_metrics, sliced["opt_state"])
+  assert jax.tree.structure(want) == jax.tree.structure(got)
+  for w, s in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(np.asarray(s), np.asarray(w), rtol=2e-5, atol=1e-6)
+
+
+def test_microbatches_must_divide_the_batch(tmp_path):
+  class Batches:
+    batch_size, batches_per_epoch = 6, 1
+  out = tmp_path / "run"
+  with pytest.raises(ValueError, match="microbatches=4 must be >= 1 and divide the batch size 6"):
+    trainer.train(pretrained.build(TINY, "classification", 2, seed=0),
+                  finetune.classification(2), Batches(),
+                  trainer.LoopConfig(output_dir=str(out), microbatches=4), OptimConfig())
+  assert not out.exists()  # nothing written
 
 
 def test_eight_devices_match_one_device(tiny_hf_dir, tmp_path):
