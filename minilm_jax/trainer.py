@@ -41,8 +41,8 @@ class LoopConfig:
   max_steps: int | None = None          # overrides num_epochs when set (micro-steps)
   batch_size: int = 32                  # global, per micro-step
   # Forward and backward over this many slices of each batch (lax.scan), gradients summed before
-  # one update: less activation memory, and on CPU in bf16 the slices stay in cache (L12-H384
-  # B32 S128: 2 slices, 1.1x). batch_size must divide by it.
+  # one update: less activation memory; on CPU in bf16 the slices stay in cache (L12-H384 B32
+  # S128, 2 slices: 1.04-1.12x; slower in float32). batch_size must divide by it.
   microbatches: int = 1
   eval_batch_size: int = 128
   eval_every: int = 0                   # steps; 0: once per epoch
