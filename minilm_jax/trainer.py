@@ -93,24 +93,22 @@ def make_train_step(graphdef, objective: Objective, tx: optax.GradientTransforma
   def loss_and_grads(params, batch, rng, frozen):
     if microbatches == 1:
       (total, (aux, wsum)), grads = grad_fn(params, batch, rng, frozen)
-      scale = 1.0 / jnp.maximum(wsum, 1.0)
-      return total * scale, aux, jax.tree.map(lambda g: g * scale, grads)
+    else:
+      def sums(i, part):  # -> (weighted loss sum, weight sum, weighted aux, gradients)
+        (total, (aux, wsum)), grads = grad_fn(params, part, jax.random.fold_in(rng, i), frozen)
+        # The objectives' aux values are weighted means over their (micro)batch.
+        return total, wsum, jax.tree.map(lambda a: a * wsum, aux), grads
 
-    def sums(i, part):  # -> (weighted loss sum, weight sum, weighted aux, gradients)
-      (total, (aux, wsum)), grads = grad_fn(params, part, jax.random.fold_in(rng, i), frozen)
-      # The objectives' aux values are weighted means over their (micro)batch.
-      return total, wsum, jax.tree.map(lambda a: a * wsum, aux), grads
+      def add(carry, xs):
+        return jax.tree.map(jnp.add, carry, sums(*xs)), None
 
-    def add(carry, xs):
-      return jax.tree.map(jnp.add, carry, sums(*xs)), None
-
-    parts = jax.tree.map(lambda a: model_lib.split_batch(a, microbatches), batch)
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
-        sums, 0, jax.tree.map(lambda a: a[0], parts)))
-    (total, wsum, aux, grads), _ = jax.lax.scan(add, zeros, (jnp.arange(microbatches), parts))
+      parts = jax.tree.map(lambda a: model_lib.split_batch(a, microbatches), batch)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+          sums, 0, jax.tree.map(lambda a: a[0], parts)))
+      (total, wsum, aux, grads), _ = jax.lax.scan(add, zeros, (jnp.arange(microbatches), parts))
+      aux = jax.tree.map(lambda a: a / jnp.maximum(wsum, 1.0), aux)
     scale = 1.0 / jnp.maximum(wsum, 1.0)
-    return (total * scale, jax.tree.map(lambda a: a * scale, aux),
-            jax.tree.map(lambda g: g * scale, grads))
+    return total * scale, aux, jax.tree.map(lambda g: g * scale, grads)
 
   def step(state, batch, frozen=None):
     rng = jax.random.fold_in(state["rng"], state["step"])
