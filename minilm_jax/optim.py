@@ -1,13 +1,17 @@
-"""Optax chains: AdamW with warmup + decay, no decay on biases/LayerNorm, clipping, accumulation,
-layer-wise learning-rate decay.
+"""Optax chains: AdamW with warmup + decay, no decay on biases/LayerNorm, clipping, layer-wise
+learning-rate decay.
 
-Matches PyTorch's `torch.optim.AdamW` + `get_linear_schedule_with_warmup` + `clip_grad_norm_`
-when given the same numbers (optax multiplies decay by the learning rate, as PyTorch does).
+Matches PyTorch's `torch.optim.AdamW` with HF's two parameter groups (no decay for biases and
+LayerNorm weights) + `get_linear_schedule_with_warmup` + `clip_grad_norm_` when given the same
+numbers (optax multiplies decay by the learning rate, as PyTorch does; warmup from a ratio is
+rounded up, as `TrainingArguments.get_warmup_steps` does). Gradient accumulation is not an
+optimizer wrapper here: `LoopConfig.microbatches` sums the slices of one batch inside the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -26,14 +30,13 @@ class OptimConfig:
   b2: float = 0.999
   eps: float = 1e-8
   max_grad_norm: float | None = 1.0
-  grad_accum_steps: int = 1
   layer_decay: float | None = None   # e.g. 0.9: layer l gets lr * 0.9 ** (L + 1 - l)
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Per optimizer update (after accumulation), like the HF schedulers."""
+  """Per optimizer update, like the HF schedulers; warmup_ratio rounds up (HF's `ceil`)."""
   total = max(int(total_steps), 1)
-  warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total))
+  warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
   warmup = min(warmup, total)
   lr = cfg.learning_rate
   if cfg.schedule == "constant":
@@ -47,17 +50,25 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+def param_name(path) -> str:
+  """"encoder/layers/0/attn/k/bias" for a key path into params, an nnx.State or a pure dict.
+
+  An nnx.State's leaves sit under their Variable's `.value` attribute; that key is no part of
+  the parameter's name (reading the last key as the name made every leaf look like "value")."""
+  keys = [p for p in path if not (isinstance(p, jax.tree_util.GetAttrKey) and p.name == "value")]
+  return "/".join(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in keys)
+
+
+def decays(name: str) -> bool:
+  """Weight decay applies to kernels and embedding tables, never to biases or LayerNorm (HF's
+  `no_decay = ["bias", "LayerNorm.weight"]`; our LayerNorm weight is `scale`, and the MLM
+  head's output bias is `mlm/bias`)."""
+  return name.rsplit("/", 1)[-1] not in ("bias", "scale")
 
 
 def decay_mask(params):
-  """True where weight decay applies: every kernel and embedding, never biases or LayerNorm."""
-  def keep(path, _):
-    name = _path_str(path)
-    leaf = name.rsplit("/", 1)[-1]
-    return not (leaf in ("bias", "scale") or name.endswith("/ln/scale"))
-  return jax.tree_util.tree_map_with_path(keep, params)
+  """True where weight decay applies (`decays`), as a tree like `params`."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: decays(param_name(path)), params)
 
 
 def layer_index(name: str, num_layers: int) -> int:
@@ -72,7 +83,7 @@ def layer_index(name: str, num_layers: int) -> int:
 
 def _scale_by_layer(params, decay: float, num_layers: int) -> optax.GradientTransformation:
   scales = jax.tree_util.tree_map_with_path(
-      lambda p, _: decay ** (num_layers + 1 - layer_index(_path_str(p), num_layers)), params)
+      lambda p, _: decay ** (num_layers + 1 - layer_index(param_name(p), num_layers)), params)
 
   def update(updates, state, params=None):
     del params
@@ -82,7 +93,8 @@ def _scale_by_layer(params, decay: float, num_layers: int) -> optax.GradientTran
 
 def make_optimizer(cfg: OptimConfig, params, total_steps: int, num_layers: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """`total_steps` counts optimizer updates. Returns (tx, schedule)."""
+  """`total_steps` counts optimizer updates; `num_layers` (the model's, for layer-wise decay)
+  comes from the model's config in `trainer.train`. Returns (tx, schedule)."""
   schedule = make_schedule(cfg, total_steps)
   parts = []
   if cfg.max_grad_norm:
@@ -91,9 +103,4 @@ def make_optimizer(cfg: OptimConfig, params, total_steps: int, num_layers: int
                            weight_decay=cfg.weight_decay, mask=decay_mask(params)))
   if cfg.layer_decay:
     parts.append(_scale_by_layer(params, cfg.layer_decay, num_layers))
-  tx = optax.chain(*parts)
-  if cfg.grad_accum_steps > 1:
-    # MultiSteps averages k micro-batch gradients and emits zero updates in between; the inner
-    # schedule therefore advances once per k micro-steps.
-    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum_steps)
-  return tx, schedule
+  return optax.chain(*parts), schedule
