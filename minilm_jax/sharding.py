@@ -1,14 +1,21 @@
-"""Mesh, logical-axis rules, and the shardings of train state and batches.
+"""Mesh, logical-axis rules, and the shardings of train state, batches and activations.
 
-Model code names logical axes (`batch, embed, vocab, heads, kv, mlp`); this module alone maps
-them to the mesh axes `data` and `fsdp`. Data parallelism splits the batch over both axes; FSDP
-additionally splits every parameter's `embed` dimension (and so the optimizer state) over `fsdp`.
+Model code names logical axes (`batch, embed, vocab, heads, kv, mlp` for parameters,
+`act_batch, act_length, act_embed` for activations); this module alone maps them to the mesh axes
+`data` and `fsdp`. Data parallelism splits the batch over both axes; FSDP additionally splits
+every parameter's `embed` dimension (and so the optimizer state) over `fsdp`, while activations
+stay split by batch only (MaxText's `activation_*` names: under FSDP a hidden state sharded
+both ways would need the fsdp axis twice). `constrain` pins activations to that layout while a
+training loop traces its steps (`activation_sharding`), so XLA cannot pick layouts that fight
+the batch sharding; outside a loop (a notebook forward) it does nothing.
 The same code runs on 1 device, 8 host devices, a GPU, or several hosts after
 `jax.distributed.initialize()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any
 
 import flax.nnx as nnx
@@ -21,10 +28,11 @@ MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
 # logical axis -> mesh axis (None: replicated).
+_ACTIVATIONS = (("act_batch", BATCH_AXES), ("act_length", None), ("act_embed", None))
 RULES_DP = (("batch", BATCH_AXES), ("embed", None), ("vocab", None), ("heads", None),
-            ("kv", None), ("mlp", None))
+            ("kv", None), ("mlp", None)) + _ACTIVATIONS
 RULES_FSDP = (("batch", BATCH_AXES), ("embed", "fsdp"), ("vocab", None), ("heads", None),
-              ("kv", None), ("mlp", None))
+              ("kv", None), ("mlp", None)) + _ACTIVATIONS
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -57,11 +65,47 @@ def logical_to_spec(axes, shape, rules, mesh: Mesh) -> P:
 
 
 def param_shardings(state: nnx.State, mesh: Mesh, rules=RULES_DP):
-  """NamedShardings for an nnx.State of Params, from each Param's `logical_axes` metadata."""
+  """NamedShardings for an nnx.State of Params, from each Param's `logical_axes` metadata, in a
+  tree of the same structure as `state` (Variables holding shardings), so that it also serves
+  as the `rest` tree of `optax.tree_map_params` and as jit `out_shardings`."""
   def one(v):
     axes = v.get_metadata().get("logical_axes") if isinstance(v, nnx.Variable) else None
     return NamedSharding(mesh, logical_to_spec(axes, v.shape, rules, mesh))
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  per_variable = jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(per_variable))
+
+
+_ACTIVE = threading.local()
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules=RULES_DP):
+  """While active (the training loop traces its steps inside it), `constrain` applies."""
+  previous = getattr(_ACTIVE, "value", None)
+  _ACTIVE.value = (mesh, rules)
+  try:
+    yield
+  finally:
+    _ACTIVE.value = previous
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """`with_sharding_constraint` of an activation by logical axis names, under the active mesh;
+  `x` unchanged outside `activation_sharding`, on one device, or where a named dimension does
+  not divide its mesh axes (a batch slice of an inference chunk, say), which a constraint would
+  otherwise force to replicate."""
+  active = getattr(_ACTIVE, "value", None)
+  if active is None or active[0].size == 1:
+    return x
+  mesh, rules = active
+  table = dict(rules)
+  for dim, name in zip(x.shape, axes):
+    mesh_axes = table.get(name) if name else None
+    mesh_axes = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
+    if dim % int(np.prod([mesh.shape[a] for a in mesh_axes if a])):
+      return x
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(axes, x.shape, rules, mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

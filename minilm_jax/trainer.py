@@ -1,19 +1,20 @@
-"""The training loop every objective shares: sharded jit step, eval, orbax checkpoints, resume,
-preemption, NaN guards, progress bar, TensorBoard, metrics.json and a PNG of the curves.
+"""The training loop every objective shares: sharded jit step, eval, checkpoints, resume,
+preemption, NaN guards, progress bar and metric logs.
 
-An objective supplies an `Objective`: a pure `loss_fn(model, batch, rng) -> (per_example, aux)`,
-an `eval_fn(model, batch) -> per-example outputs`, and a host-side `metrics_fn` over an epoch of
-eval outputs. The train state is one pytree {step, params, opt_state, rng, nonfinite}; the step is
-`step(state, batch) -> (state, metrics)`, jitted with shardings and donation where the loop is
-built (STYLE: split -> jit -> merge, because nnx.jit re-traverses the graph on every call).
+An objective supplies an `Objective`: a pure `loss_fn(model, batch, rng, frozen) -> (per_example,
+aux)`, an `eval_fn(model, batch, frozen) -> per-example outputs`, and a host-side `metrics_fn`
+over an epoch of eval outputs. The train state is one pytree {step, params, opt_state, rng,
+nonfinite}; the step is `step(state, batch, frozen) -> (state, metrics)`, jitted with shardings
+and donation where the loop is built (STYLE: split -> jit -> merge, because nnx.jit re-traverses
+the graph on every call). Checkpoints live in `checkpoint.py`, the logs in `metric_log.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -25,10 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from minilm_jax import model as model_lib
 from minilm_jax import sharding
+from minilm_jax.checkpoint import Checkpoints, batcher_spec
+from minilm_jax.metric_log import MetricLogger
 from minilm_jax.optim import OptimConfig, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -38,11 +40,12 @@ log = logging.getLogger(__name__)
 class LoopConfig:
   output_dir: str = "runs/default"
   num_epochs: float = 1.0
-  max_steps: int | None = None          # overrides num_epochs when set (micro-steps)
-  batch_size: int = 32                  # global, per micro-step
+  max_steps: int | None = None          # overrides num_epochs when set
+  batch_size: int = 32                  # global: rows per optimizer update
   # Forward and backward over this many slices of each batch (lax.scan), gradients summed before
-  # one update: less activation memory; on CPU in bf16 the slices stay in cache (L12-H384 B32
-  # S128, 2 slices: 1.04-1.12x; slower in float32). batch_size must divide by it.
+  # one update: gradient accumulation, and less activation memory; on CPU in bf16 the slices
+  # stay in cache (L12-H384 B32 S128, 2 slices: 1.04-1.12x; slower in float32). batch_size must
+  # divide by it.
   microbatches: int = 1
   eval_batch_size: int = 128
   eval_every: int = 0                   # steps; 0: once per epoch
@@ -55,6 +58,12 @@ class LoopConfig:
   fsdp: bool = False
   nan_policy: Literal["stop", "skip"] = "stop"
   resume: bool = False
+  # A fresh run (resume false) into a directory that holds an earlier run is refused unless
+  # this is set; then the earlier run's checkpoints, logs and exports are deleted first.
+  overwrite: bool = False
+  # Keep each epoch's last partial training batch (per length bucket, padded with zero-weight
+  # rows) as HF does, or drop it. Evaluation never drops rows.
+  drop_remainder: bool = False
   progress: bool = True
   best_metric: str | None = None        # e.g. "accuracy"; None: the objective's default
   best_mode: Literal["max", "min"] = "max"
@@ -62,30 +71,78 @@ class LoopConfig:
 
 @dataclasses.dataclass
 class Objective:
-  """What a task plugs into the loop. All callables are pure functions of arrays."""
-  loss_fn: Callable[..., tuple[jax.Array, dict]]       # (model, batch, rng) -> ((B,), aux)
-  eval_fn: Callable[..., dict] | None = None           # (model, batch) -> {name: (B, ...)}
-  metrics_fn: Callable[[dict], dict] | None = None     # host: concatenated eval outputs -> metrics
+  """What a task plugs into the loop. All callables are pure functions of arrays, and every
+  objective has the same signatures whether or not it has frozen arrays (then `frozen` is None).
+
+  The loop minimises sum(w * loss) / sum(w) over the global batch, where w is `weights(batch)`
+  (default: the batch's row weights, 0 for dummy rows). An objective whose natural unit is not
+  the example (seq2seq: target tokens) returns per-example means and weights them by their
+  counts, which makes the normalisation global under any `microbatches`. Aux values must be
+  means under the same weights."""
+  loss_fn: Callable[..., tuple[jax.Array, dict]]  # (model, batch, rng, frozen) -> ((B,), aux)
+  eval_fn: Callable[..., dict] | None = None      # (model, batch, frozen) -> {name: (B, ...)}
+  metrics_fn: Callable[[dict], dict] | None = None  # host: concatenated eval outputs -> metrics
   best_metric: str | None = None
-  frozen: Any = None   # e.g. a teacher's params: passed to loss_fn, never trained
+  frozen: Any = None   # e.g. a teacher's params: passed to loss_fn and eval_fn, never trained
+  weights: Callable[[dict], jax.Array] | None = None  # batch -> (B,) loss weights
 
 
 class NonFiniteLoss(RuntimeError):
   pass
 
 
+class RunExists(ValueError):
+  """A fresh run pointed at the output directory of an earlier one."""
+
+
+# What a run leaves in its output directory (config.json is rewritten by every launch).
+RUN_ARTIFACTS = ("checkpoints", "history.jsonl", "metrics.json", "tensorboard", "curves.png",
+                 "final", "best", "hf", "predictions.jsonl")
+
+
+def prepare_output_dir(loop: LoopConfig) -> Path:
+  """Creates `loop.output_dir`. A fresh run into a directory that holds an earlier run raises
+  `RunExists` and touches nothing, unless `loop.overwrite` (the earlier run is deleted first)."""
+  out = Path(loop.output_dir)
+  found = [name for name in RUN_ARTIFACTS if (out / name).exists()
+           and not ((out / name).is_dir() and not any((out / name).iterdir()))]
+  if found and not (loop.resume or loop.overwrite):
+    raise RunExists(
+        f"{out} holds an earlier run ({', '.join(found)}). Continue it with "
+        f"--loop.resume=true, or replace it with --loop.overwrite=true; nothing was changed")
+  if loop.overwrite and not loop.resume:
+    _sync("minilm_jax_overwrite_scanned")  # every process looked before anything is deleted
+    if found and jax.process_index() == 0:
+      log.warning("--loop.overwrite: deleting the earlier run in %s (%s)", out, ", ".join(found))
+      for name in found:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _sync("minilm_jax_overwrite_deleted")
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 # --- the pure step --------------------------------------------------------------------------
 
 def make_train_step(graphdef, objective: Objective, tx: optax.GradientTransformation,
-                    schedule, nan_policy: str, grad_accum: int = 1, microbatches: int = 1):
+                    schedule, microbatches: int = 1):
   """The jittable step: loss and gradients of the weighted mean per-example loss, one optimizer
   update. `microbatches` > 1 runs forward and backward over that many slices of the batch in a
-  `lax.scan` and sums their gradients before the update (`LoopConfig.microbatches`)."""
+  `lax.scan` and sums their gradients before the update (`LoopConfig.microbatches`): the
+  weighted sums are normalised once, by the whole batch's weight, so the update equals the
+  whole-batch one."""
+  weights_of = objective.weights or (lambda batch: batch["weights"])
+
   def weighted_sum(params, batch, rng, frozen):
     model = nnx.merge(graphdef, params)
-    args = (model, batch, rng) if frozen is None else (model, frozen, batch, rng)
-    per_example, aux = objective.loss_fn(*args)
-    w = batch["weights"]
+    per_example, aux = objective.loss_fn(model, batch, rng, frozen)
+    w = weights_of(batch).astype(jnp.float32)
     return jnp.sum(per_example * w), (aux, jnp.sum(w))
 
   grad_fn = jax.value_and_grad(weighted_sum, has_aux=True)
@@ -127,157 +184,15 @@ def make_train_step(graphdef, objective: Objective, tx: optax.GradientTransforma
         "rng": state["rng"],
         "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
     }
-    metrics = {"loss": loss, "grad_norm": grad_norm,
-               "lr": schedule(state["step"] // grad_accum), **aux}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), **aux}
     return new_state, metrics
   return step
 
 
 def make_eval_step(graphdef, objective: Objective):
   def step(params, batch, frozen=None):
-    model = nnx.merge(graphdef, params)
-    return objective.eval_fn(model, batch) if frozen is None else objective.eval_fn(
-        model, frozen, batch)
+    return objective.eval_fn(nnx.merge(graphdef, params), batch, frozen)
   return step
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-
-class CheckpointMismatch(ValueError):
-  """A readable checkpoint written by a run with other shapes, state tree or data settings."""
-
-
-class Checkpoints:
-  """orbax CheckpointManager over {state, data position}.
-
-  Resuming tells two failures apart. A checkpoint whose files cannot be read (a write cut short,
-  a bad disk) is skipped with a warning: the previous one is restored, and the unreadable ones
-  are renamed to `<step>.unreadable` (kept for inspection, invisible to orbax) so the run can
-  save those steps again and max_to_keep does not count them. A readable checkpoint whose
-  shapes, tree or data settings differ from this run is a `CheckpointMismatch`: nothing is
-  restored, renamed or deleted, because falling back would silently train something else.
-  """
-
-  def __init__(self, directory: Path, keep: int):
-    self.directory = directory.absolute()
-    # Handlers named up front: without them a fresh manager's item_metadata() is None until
-    # the first restore, and a mismatched newest checkpoint would pass for an unreadable one.
-    self.manager = ocp.CheckpointManager(
-        self.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                       "data": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-  def save(self, step: int, state, data_state: dict, *, wait: bool = False,
-           spec: dict | None = None) -> None:
-    """`spec` describes what `data_state` (a Batcher position) means; see `batcher_spec`."""
-    data = {"position": data_state, "spec": spec}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data)), force=True)
-    if wait:
-      self.manager.wait_until_finished()
-
-  def restore_latest(self, abstract_state, spec: dict | None = None
-                     ) -> tuple[int, Any, dict] | None:
-    """(step, state, data position) of the newest readable checkpoint; None if there is none.
-
-    Raises `CheckpointMismatch` if the newest checkpoint with readable metadata does not fit
-    `abstract_state` (or was written with another data `spec`), ValueError if none is readable.
-    """
-    self.manager.wait_until_finished()
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    unreadable = []
-    for step in steps:
-      self._check_tree(step, abstract_state)
-      try:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        data = dict(out["data"])
-      except Exception as e:  # noqa: BLE001 - tensorstore raises bare Exceptions for bad bytes
-        log.warning("checkpoint at step %d is unreadable (%s); trying an older one", step,
-                    str(e).splitlines()[0][:300])
-        unreadable.append(step)
-        continue
-      # Checkpoints from before the data spec was saved hold the bare position.
-      position, saved_spec = (data["position"], data.get("spec")) if "position" in data else (
-          data, None)
-      self._check_spec(step, saved_spec, spec)
-      if unreadable:
-        log.warning("restored step %d after %d unreadable newer checkpoint(s) %s; renamed "
-                    "them to <step>.unreadable", step, len(unreadable), unreadable)
-        self._set_aside(unreadable)
-      return step, out["state"], dict(position)
-    if steps:
-      raise ValueError(f"no readable checkpoint in {self.directory} (steps {steps})")
-    return None
-
-  def _check_tree(self, step: int, abstract_state) -> None:
-    try:
-      saved = ocp.tree.to_flat_dict(self.manager.item_metadata(step)["state"].tree)
-    except Exception:  # noqa: BLE001 - unreadable metadata: the restore fails and says why
-      return
-    # Params first: they are what the examples in the message should show.
-    want = dict(sorted(ocp.tree.to_flat_dict(abstract_state).items(),
-                       key=lambda kv: (kv[0][0] != "params", kv[0])))
-    name = "/".join
-    diffs = [f"{name(k)} missing from the checkpoint" for k in want if k not in saved]
-    diffs += [f"{name(k)} only in the checkpoint" for k in saved if k not in want]
-    for k in want:
-      if k in saved:
-        a, b = saved[k], want[k]
-        if tuple(a.shape) != tuple(b.shape) or np.dtype(a.dtype) != np.dtype(b.dtype):
-          diffs.append(f"{name(k)}: checkpoint {a.dtype}{list(a.shape)}, "
-                       f"this run {b.dtype}{list(b.shape)}")
-    if diffs:
-      raise CheckpointMismatch(
-          f"the checkpoint at step {step} in {self.directory} does not match this run's "
-          f"config ({len(diffs)} differences, e.g. {'; '.join(diffs[:3])}). Resume with the "
-          f"model and optimizer settings it was written with, or use a new loop.output_dir; "
-          f"nothing was restored or deleted")
-
-  def _check_spec(self, step: int, saved: dict | None, spec: dict | None) -> None:
-    if saved is None or spec is None:
-      return
-    spec = json.loads(json.dumps(spec))  # tuples -> lists, as the saved JSON has them
-    diffs = [f"{k}: checkpoint {saved.get(k)}, this run {spec.get(k)}"
-             for k in sorted(set(saved) | set(spec)) if saved.get(k) != spec.get(k)]
-    if diffs:
-      raise CheckpointMismatch(
-          f"the checkpoint at step {step} in {self.directory} was written with other data "
-          f"settings ({'; '.join(diffs)}), so its data position means other batches. Resume "
-          f"with the settings it was written with, or use a new loop.output_dir; nothing was "
-          f"restored or deleted")
-
-  def _set_aside(self, steps: list[int]) -> None:
-    if jax.process_index() == 0:  # one process renames; the others wait at the barrier
-      for step in steps:
-        src = self.directory / str(step)
-        dst, n = self.directory / f"{step}.unreadable", 0
-        while dst.exists():
-          n += 1
-          dst = self.directory / f"{step}.unreadable.{n}"
-        src.rename(dst)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("minilm_jax_checkpoints_set_aside")
-    self.manager.reload()
-
-  def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def batcher_spec(batches) -> dict:
-  """What a Batcher position means: the same (epoch, batch) names the same rows only with the
-  same global batch size, buckets, seed and data. The process count is left out on purpose: a
-  run may resume on a different number of hosts with the same global batch."""
-  spec = {k: getattr(batches, k) for k in ("batch_size", "buckets", "seed", "shuffle",
-                                           "drop_remainder", "batches_per_epoch")
-          if hasattr(batches, k)}
-  if hasattr(batches, "features"):
-    spec["examples"] = len(batches.features)
-  elif hasattr(batches, "n"):
-    spec["examples"] = batches.n
-  return json.loads(json.dumps(spec, default=int))
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -339,70 +254,73 @@ class Result:
   preempted: bool = False
 
 
-def init_state(model: nnx.Module, optim: OptimConfig, total_updates: int, num_layers: int,
-               seed: int):
+def init_state(model: nnx.Module, optim: OptimConfig, total_updates: int, seed: int = 0, *,
+               mesh=None, rules=sharding.RULES_DP):
+  """-> (graphdef, state, tx, schedule): the train state placed on `mesh` (default: every device).
+
+  The optimizer state is never built unsharded: its shardings come from the params' logical
+  axes through `optax.tree_map_params` on `jax.eval_shape(tx.init)`, and one jit with those
+  `out_shardings` creates it on the devices that hold it. Layer-wise LR decay counts the
+  model's own layers (`encoder_of(model).cfg.num_layers`)."""
+  mesh = mesh or sharding.make_mesh()
   graphdef, params = nnx.split(model)
+  num_layers = model_lib.encoder_of(model).cfg.num_layers
   tx, schedule = make_optimizer(optim, params, total_updates, num_layers)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "rng": jax.random.PRNGKey(seed), "nonfinite": jnp.zeros((), jnp.int32)}
+  rep = sharding.replicated(mesh)
+  param_sh = sharding.param_shardings(params, mesh, rules)
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), param_sh,
+                                 transform_non_params=lambda _: rep)
+  state_sh = {"step": rep, "params": param_sh, "opt_state": opt_sh, "rng": rep, "nonfinite": rep}
+
+  def init(params):
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.PRNGKey(seed), "nonfinite": jnp.zeros((), jnp.int32)}
+  state = jax.jit(init, out_shardings=state_sh)(jax.device_put(params, param_sh))
   return graphdef, state, tx, schedule
 
 
 def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConfig,
-          optim: OptimConfig, *, eval_batches=None, num_layers: int = 12,
+          optim: OptimConfig, *, eval_batches=None,
           on_eval: Callable[[nnx.Module, dict, bool], None] | None = None,
           mesh=None, logger=None) -> Result:
   """Runs the loop. `train_batches` is a `data.Batcher`: `batches_per_epoch`, `state()`,
   `restore(state)`, iteration advancing the state. `on_eval(model, metrics, is_best)` lets the
   caller export the best model."""
+  mesh = mesh or sharding.make_mesh(loop.mesh_data, loop.mesh_fsdp)
+  rules = sharding.RULES_FSDP if loop.fsdp else sharding.RULES_DP
   # The SIGTERM handler goes in first: a notice during set-up, restore or the first
-  # compilation still ends with a completed step and a checkpoint.
-  with _Preemption() as preemption:
-    return _train(preemption, model, objective, train_batches, loop, optim,
-                  eval_batches=eval_batches, num_layers=num_layers, on_eval=on_eval, mesh=mesh,
-                  logger=logger)
+  # compilation still ends with a completed step and a checkpoint. Steps are traced inside
+  # `activation_sharding`, so the model's activation constraints see this mesh.
+  with _Preemption() as preemption, sharding.activation_sharding(mesh, rules):
+    return _train(preemption, model, objective, train_batches, loop, optim, mesh, rules,
+                  eval_batches=eval_batches, on_eval=on_eval, logger=logger)
 
 
-def _train(preemption: _Preemption, model, objective, train_batches, loop, optim, *,
-           eval_batches, num_layers, on_eval, mesh, logger) -> Result:
+def _train(preemption: _Preemption, model, objective, train_batches, loop, optim, mesh, rules,
+           *, eval_batches, on_eval, logger) -> Result:
   size = getattr(train_batches, "batch_size", loop.batch_size)
   if loop.microbatches < 1 or size % loop.microbatches:
     raise ValueError(f"loop.microbatches={loop.microbatches} must be >= 1 and divide the batch "
                      f"size {size}")
-  out_dir = Path(loop.output_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  mesh = mesh or sharding.make_mesh(loop.mesh_data, loop.mesh_fsdp)
-  accum = max(optim.grad_accum_steps, 1)
+  out_dir = prepare_output_dir(loop)
   per_epoch = train_batches.batches_per_epoch
   if per_epoch == 0:  # otherwise num_epochs gives 0 steps and an untrained model is exported
     raise ValueError(f"no training batches: every length bucket holds fewer than the global "
                      f"batch_size {size} examples and the remainder is dropped; lower "
                      f"loop.batch_size or use fewer buckets")
   total = loop.max_steps or int(math.ceil(loop.num_epochs * per_epoch))
-  graphdef, state, tx, schedule = init_state(model, optim, total // accum, num_layers, loop.seed)
-
-  rules = sharding.RULES_FSDP if loop.fsdp else sharding.RULES_DP
-  param_sh = sharding.param_shardings(state["params"], mesh, rules)
+  graphdef, state, tx, schedule = init_state(model, optim, total, loop.seed, mesh=mesh,
+                                             rules=rules)
   rep = sharding.replicated(mesh)
-  state["params"] = jax.device_put(state["params"], param_sh)
-  # mu/nu inherit the params' shardings; scalars (counts) would land on one device: replicate.
-  everywhere = set(mesh.devices.flat)
-  state["opt_state"] = jax.tree.map(
-      lambda x: x if x.sharding.device_set == everywhere else jax.device_put(x, rep),
-      jax.jit(tx.init)(state["params"]))
-  state = {k: (v if k in ("params", "opt_state") else jax.device_put(v, rep))
-           for k, v in state.items()}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   frozen = objective.frozen
   if frozen is not None:
     frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh, rules))
 
-  step_fn = jax.jit(make_train_step(graphdef, objective, tx, schedule, loop.nan_policy, accum,
-                                    loop.microbatches),
+  step_fn = jax.jit(make_train_step(graphdef, objective, tx, schedule, loop.microbatches),
                     in_shardings=(state_sh, sharding.batch_sharding(mesh), None),
                     out_shardings=(state_sh, rep), donate_argnums=0)
   eval_fn = (jax.jit(make_eval_step(graphdef, objective)) if objective.eval_fn else None)
-
   ckpt = Checkpoints(out_dir / "checkpoints", loop.keep_checkpoints)
   data_spec = batcher_spec(train_batches)
   start = 0
@@ -522,95 +440,3 @@ def run_eval(eval_fn, params, eval_batches, objective: Objective, mesh, frozen=N
       outs.setdefault(k, []).append(v[keep])
   cat = {k: np.concatenate(v) for k, v in outs.items()}
   return objective.metrics_fn(cat) if objective.metrics_fn else {}
-
-
-class MetricLogger:
-  """TensorBoard events, `history.jsonl`, `metrics.json` and `curves.png` in the output dir."""
-
-  def __init__(self, out_dir: Path, enabled: bool = True):
-    self.out_dir, self.enabled = Path(out_dir), enabled
-    self.writer = None
-    if enabled:
-      from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
-
-  def load_history(self, start: int):
-    """On resume, keep the records up to the restored step."""
-    history, evals, best = [], [], None
-    path = self.out_dir / "history.jsonl"
-    # Only the writer reads: other processes would race with its rewrite below.
-    if start and self.enabled and path.exists():
-      for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["step"] <= start:
-          (evals if rec.pop("kind") == "eval" else history).append(rec)
-      best = json.loads((self.out_dir / "metrics.json").read_text()).get("best") if (
-          self.out_dir / "metrics.json").exists() else None
-    if self.enabled:
-      with path.open("w") as f:
-        for kind, recs in (("train", history), ("eval", evals)):
-          for r in recs:
-            f.write(json.dumps({"kind": kind, **r}) + "\n")
-    return history, evals, best
-
-  def _append(self, rec):
-    with (self.out_dir / "history.jsonl").open("a") as f:
-      f.write(json.dumps(rec) + "\n")
-
-  def log_train(self, step, rec):
-    if not self.enabled:
-      return
-    for k, v in rec.items():
-      if k != "step":
-        self.writer.add_scalar(f"train/{k}", v, step)
-    self._append({"kind": "train", **rec})
-
-  def log_eval(self, step, metrics, best):
-    if not self.enabled:
-      return
-    for k, v in metrics.items():
-      if k != "step" and isinstance(v, (int, float)):
-        self.writer.add_scalar(f"eval/{k}", v, step)
-    self._append({"kind": "eval", **metrics})
-    self._write_metrics(metrics, best)
-    summary = " ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                       if isinstance(v, float) and k != "step")
-    log.info("eval @ %d: %s", step, summary)
-
-  def _write_metrics(self, final, best, extra=None):
-    data = {"final": final, "best": best, **(extra or {})}
-    (self.out_dir / "metrics.json").write_text(json.dumps(data, indent=2, default=float) + "\n")
-
-  def finish(self, history, evals, best):
-    if not self.enabled:
-      return
-    self.writer.flush()
-    self._write_metrics(evals[-1] if evals else None, best,
-                        {"train_final": history[-1] if history else None})
-    plot_curves(self.out_dir / "curves.png", history, evals)
-
-
-def plot_curves(path: Path, history: list[dict], evals: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  eval_keys = sorted({k for e in evals for k, v in e.items()
-                      if k != "step" and isinstance(v, (int, float))})
-  n = 1 + len(eval_keys[:3])
-  fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), squeeze=False)
-  ax = axes[0, 0]
-  if history:
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
-  for e_key in ("loss",):
-    if evals and e_key in evals[0]:
-      ax.plot([e["step"] for e in evals], [e[e_key] for e in evals], "o-", label="eval loss")
-  ax.set_xlabel("step")
-  ax.set_title("loss")
-  ax.legend()
-  for ax, key in zip(axes[0, 1:], [k for k in eval_keys if k != "loss"][:3]):
-    ax.plot([e["step"] for e in evals], [e.get(key, np.nan) for e in evals], "o-")
-    ax.set_title(f"eval {key}")
-    ax.set_xlabel("step")
-  fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)

@@ -33,7 +33,7 @@ from test_finetune import (
   write_csv,
 )
 
-from minilm_jax import pretrained, trainer
+from minilm_jax import checkpoint, pretrained
 from minilm_jax.config import TINY
 from train import cli
 from train import finetune as ft
@@ -322,7 +322,7 @@ def test_resume_with_mismatched_config_fails_clearly_and_touches_nothing(
   model = wide_hf_dir if what == "model width" else tiny_hf_dir
   cfg = cli.merge(ft.FinetuneConfig(), flat_cfg(model, data_dir, out, **over,
                                                 **{"loop.resume": True}))
-  with pytest.raises(trainer.CheckpointMismatch, match=message) as e:
+  with pytest.raises(checkpoint.CheckpointMismatch, match=message) as e:
     ft.run(cfg)
   assert "nothing was restored or deleted" in str(e.value)
   assert "unreadable" not in caplog.text  # a mismatch is not mistaken for corruption
@@ -352,8 +352,74 @@ def test_malformed_data_files_fail_before_training_naming_the_file(tiny_hf_dir, 
   missing = tmp_path / "nope.csv"
   with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
     run(**{"data.train_path": str(missing)})
-  # Fewer examples than one global batch: used to "train" 0 steps and export the random head.
+  # Fewer examples than one global batch with the remainder dropped: used to "train" 0 steps
+  # and export the random head. (Kept, the default, they make one padded batch.)
   few = write_csv(tmp_path / "few.csv", [(" ".join(WORDS[:3]), "pos"), ("bad film", "neg")])
   with pytest.raises(ValueError, match="no training batches.*batch_size 8"):
-    run(**{"data.train_path": str(few), "loop.max_steps": None})
+    run(**{"data.train_path": str(few), "loop.max_steps": None, "loop.drop_remainder": True})
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- the output directory ----------------------------------------------------------------------
+
+def _tree(path: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(tiny_hf_dir, data_dir, env,  # noqa: F811
+                                                                  tmp_path):
+  """A second fresh run with the same output_dir used to delete the first run's checkpoints and
+  history and exit 0. It must refuse, name both ways out, and change nothing; with
+  --loop.overwrite=true it replaces the earlier run."""
+  out = tmp_path / "run"
+  flat = flat_cfg(tiny_hf_dir, data_dir, out, **{"loop.max_steps": 4})
+  run_to_end(flat, env)
+  before = _tree(out)
+  assert saved_steps(out) == [2, 4] and (out / "history.jsonl").exists()
+  rc, log = Run(flat, env).finish()
+  assert rc == 2, log
+  assert "holds an earlier run" in log and "--loop.resume=true" in log
+  assert "--loop.overwrite=true" in log and "Traceback" not in log
+  assert _tree(out) == before
+  rc, log = Run({**flat, "loop.overwrite": "true", "loop.max_steps": 2}, env).finish()
+  assert rc == 0, log
+  assert saved_steps(out) == [2] and last_logged_step(out) == 2
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+  path.mkdir(parents=True)
+  res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+  if res.returncode:
+    pytest.skip(f"cannot mount a small tmpfs here (needs root): {res.stderr.strip()}")
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_hf_dir, data_dir, env,  # noqa: F811
+                                                                  tmp_path):
+  """The output dir on a 4 MiB tmpfs: a run checkpoints step 2; the disk then fills (a ballast
+  file), and the resumed run's next checkpoint cannot fit. It must exit 4 with a message that
+  names the directory and the bytes needed, before orbax writes anything; step 2 stays
+  restorable (a third run, with room again, resumes from it and finishes)."""
+  disk = tmp_path / "disk"
+  _mount_tmpfs(disk, "4m")
+  try:
+    out = disk / "run"
+    flat = flat_cfg(tiny_hf_dir, data_dir, out, **{"loop.max_steps": 2})
+    run_to_end(flat, env)
+    assert saved_steps(out) == [2]
+    ballast = disk / "ballast"
+    free = shutil.disk_usage(disk).free
+    ballast.write_bytes(b"\0" * (free - 64 * 1024))  # 64 KiB left: logs fit, a checkpoint not
+    before = _tree(out / "checkpoints")
+    resumed = {**flat, "loop.max_steps": 4, "loop.resume": "true"}
+    rc, log = Run(resumed, env).finish()
+    assert rc == 4, log
+    assert "no space left for the checkpoint of step 4" in log, log
+    assert str(out / "checkpoints") in log and "MiB" in log and "Traceback" not in log
+    assert _tree(out / "checkpoints") == before
+    ballast.unlink()
+    rc, log = Run(resumed, env).finish()
+    assert rc == 0, log
+    assert "resumed at step 2" in log and saved_steps(out) == [2, 4]
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], check=False)

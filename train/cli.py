@@ -141,6 +141,15 @@ def to_dict(cfg) -> dict:
 
 # --- the run directory (shared by the entry points) ------------------------------------------
 
+def start_run(cfg, loop) -> Path:
+  """The run directory, checked before anything is written (`trainer.prepare_output_dir`: an
+  earlier run there needs --loop.resume or --loop.overwrite), with the config saved in it."""
+  from minilm_jax import trainer
+  out_dir = trainer.prepare_output_dir(loop)
+  save_config(out_dir, cfg, loop.resume)
+  return out_dir
+
+
 def save_config(out_dir: Path, cfg, resume: bool) -> None:
   """Writes config.json (process 0 only). A resume keeps the config.json its checkpoints were
   written with (a resume that fails on a mismatched config leaves the directory as it was) and
@@ -180,11 +189,12 @@ def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
   (a no-op for one), `run(cfg)`, then `report(summary, cfg)` unless the run was preempted.
 
   Exit codes: 0 done or preempted (resume with --loop.resume=true), 2 a checkpoint that does
-  not match the config, 3 a non-finite loss under nan_policy=stop."""
+  not match the config or an output directory that holds an earlier run, 3 a non-finite loss
+  under nan_policy=stop, 4 a full disk (nothing saved was lost)."""
   import argparse
   import logging
 
-  from minilm_jax import runtime, sharding, trainer
+  from minilm_jax import checkpoint, runtime, sharding, trainer
   runtime.tune_host_malloc()  # before JAX starts its backend; see runtime.py
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--config", default=None,
@@ -200,9 +210,12 @@ def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
   except trainer.NonFiniteLoss as e:
     log.error("%s", e)
     return 3
-  except trainer.CheckpointMismatch as e:  # a config error, not a crash: no traceback
+  except (checkpoint.CheckpointMismatch, trainer.RunExists) as e:  # config errors: no traceback
     log.error("%s", e)
     return 2
+  except checkpoint.DiskFull as e:
+    log.error("%s", e)
+    return 4
   if summary.get("preempted"):
     print(f"preempted at step {summary['steps']}; resume with --loop.resume=true")
     return 0
