@@ -49,7 +49,7 @@ class ModelConfig:
   # "xla": einsum attention (intermediates include attention logits); "cudnn": fused kernel via
   # jax.nn.dot_product_attention, for GPUs.
   attention_impl: Literal["xla", "cudnn"] = "xla"
-  # "xla" attention without dropout loops over blocks of this many queries (model.attend);
+  # "xla" attention without dropout loops over blocks of this many queries (attention.attend);
   # 0 computes all queries at once.
   attention_query_block: int = 128
   # A forward without dropout (inference, evaluation, a frozen teacher) runs the batch through

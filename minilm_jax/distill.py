@@ -7,6 +7,9 @@ a checkpoint, and `jax.grad` over the student's params never sees it. The teache
 in the objective's closure; its outputs go through `stop_gradient` anyway, so nothing downstream
 can differentiate into it by accident.
 
+The teacher runs only as deep as its objective reads (`depth`): a MiniLMv2 recipe reading
+layer 20 of a 24-layer teacher never computes layers 21-24.
+
 Losses are per example (the loop weights and averages them); `losses.py` holds the array math.
 Layer indices are Python indices into the model's Transformer layers (0-based, -1 the last).
 Hidden-state indices (XtremeDistil) count the embedding output as 0 and layer i as i + 1.
@@ -14,6 +17,7 @@ Hidden-state indices (XtremeDistil) count the embedding output as 0 and layer i 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -25,15 +29,10 @@ import numpy as np
 
 from minilm_jax import checkpoint, losses, pretrained
 from minilm_jax.config import ModelConfig
-from minilm_jax.model import Dense, Encoder
+from minilm_jax.model import Dense, Encoder, encoder_of
 from minilm_jax.trainer import Objective
 
-
-def encoder_of(model: nnx.Module) -> Encoder:
-  """The Encoder inside a task model, a StudentWithProjection, or the model itself."""
-  while not isinstance(model, Encoder):
-    model = model.encoder
-  return model
+log = logging.getLogger(__name__)
 
 
 class StudentWithProjection(nnx.Module):
@@ -62,14 +61,30 @@ def _inputs(batch):
   return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
 
 
-def _teacher_runner(teacher: nnx.Module):
-  """Splits the teacher into (graphdef, params); returns (run(frozen, batch), params)."""
+def _teacher_runner(teacher: nnx.Module, depth: int | None = None):
+  """Splits the teacher into (graphdef, params); returns (run(frozen, batch), params).
+
+  `depth`: run the teacher's encoder through that many layers only (its output is then the
+  encoder's (hidden, intermediates) of those layers, whatever the teacher's task head)."""
   graphdef, params = nnx.split(teacher)
 
   def run(frozen, batch):
-    out = nnx.merge(graphdef, frozen)(*_inputs(batch))
+    model = nnx.merge(graphdef, frozen)
+    if depth is None:
+      out = model(*_inputs(batch))
+    else:
+      out = encoder_of(model)(*_inputs(batch), depth=depth)
     return jax.lax.stop_gradient(out)
   return run, params
+
+
+def _teacher_index(teacher: nnx.Module, index: int) -> int:
+  """A (possibly negative) teacher layer index as 0..L-1; raises if there is no such layer."""
+  n = encoder_of(teacher).cfg.num_layers
+  if not -n <= index < n:
+    raise ValueError(f"teacher layer {index} does not exist: the model has {n} layers "
+                     f"(valid indices {-n}..{n - 1})")
+  return index % n
 
 
 def cast_model(model: nnx.Module, dtype: str, task: str = "encoder",
@@ -92,21 +107,22 @@ def _wmean(x, w):
 
 
 def _objective(teacher: nnx.Module, per_example, *, extra_eval=None, extra_metrics=None,
-               teacher_needed: bool = True) -> Objective:
-  """Wraps `per_example(model, t_out, s_out, batch) -> ((B,), {name: (B,)})` as an Objective."""
-  run_teacher, params = _teacher_runner(teacher)
+               teacher_needed: bool = True, teacher_depth: int | None = None) -> Objective:
+  """Wraps `per_example(model, t_out, s_out, batch) -> ((B,), {name: (B,)})` as an Objective.
+  `teacher_depth`: how many teacher layers the objective reads (None: the whole teacher)."""
+  run_teacher, params = _teacher_runner(teacher, teacher_depth)
 
   def outputs(model, frozen, batch, rng):
     t = run_teacher(frozen, batch) if teacher_needed else None
     s = model(*_inputs(batch), dropout_rng=rng)
     return t, s
 
-  def loss_fn(model, frozen, batch, rng):
+  def loss_fn(model, batch, rng, frozen):
     t, s = outputs(model, frozen, batch, rng)
     per_ex, parts = per_example(model, t, s, batch)
     return per_ex, {k: _wmean(v, batch["weights"]) for k, v in parts.items()}
 
-  def eval_fn(model, frozen, batch):
+  def eval_fn(model, batch, frozen):
     t, s = outputs(model, frozen, batch, None)
     per_ex, parts = per_example(model, t, s, batch)
     res = {"loss": per_ex, **parts}
@@ -161,11 +177,12 @@ def minilm_v1(teacher: nnx.Module, *, teacher_layer: int = -1, student_layer: in
   layer (the paper: last vs last). Needs equal head counts; pass `student_cfg` to check early."""
   if student_cfg is not None:
     check_minilm_v1(encoder_of(teacher).cfg, student_cfg)
+  t_layer = _teacher_index(teacher, teacher_layer)
 
   def per_example(model, t, s, batch):
     (_, t_out), (_, s_out) = t, s
     pick = lambda out, name, i, who: _layer(out[name], i, who)
-    tq, tk, tv = (pick(t_out, n, teacher_layer, "teacher") for n in "qkv")
+    tq, tk, tv = (pick(t_out, n, t_layer, "teacher") for n in "qkv")
     sq, sk, sv = (pick(s_out, n, student_layer, "student") for n in "qkv")
     if tq.shape[2] != sq.shape[2]:
       check_minilm_v1(encoder_of(teacher).cfg, encoder_of(model).cfg)
@@ -176,7 +193,7 @@ def minilm_v1(teacher: nnx.Module, *, teacher_layer: int = -1, student_layer: in
     vr = losses.relation_kl(tv, sv, mask, num_relation_heads=None)
     return at + vr, {"attention_kl": at, "value_kl": vr}
 
-  return _objective(teacher, per_example)
+  return _objective(teacher, per_example, teacher_depth=t_layer + 1)
 
 
 def minilm_v2(teacher: nnx.Module, *, num_relation_heads: int = losses.RELATION_HEADS_BASE,
@@ -186,18 +203,19 @@ def minilm_v2(teacher: nnx.Module, *, num_relation_heads: int = losses.RELATION_
   layer (last for base teachers, upper-middle for large ones) vs the student's last layer."""
   if student_cfg is not None:
     check_minilm_v2(encoder_of(teacher).cfg, student_cfg, num_relation_heads)
+  t_layer = _teacher_index(teacher, teacher_layer)
 
   def per_example(model, t, s, batch):
     (_, t_out), (_, s_out) = t, s
     parts = {}
     for name in "qkv":
       parts[f"{name}{name}_kl"] = losses.relation_kl(
-          _layer(t_out[name], teacher_layer, "teacher"),
+          _layer(t_out[name], t_layer, "teacher"),
           _layer(s_out[name], student_layer, "student"), batch["attention_mask"],
           num_relation_heads=num_relation_heads)
     return sum(parts.values()), parts
 
-  return _objective(teacher, per_example)
+  return _objective(teacher, per_example, teacher_depth=t_layer + 1)
 
 
 def uniform_layer_map(student_layers: int, teacher_layers: int) -> tuple[int, ...]:
@@ -218,6 +236,9 @@ def xtreme_hidden(teacher: nnx.Module, *, layer_map: Sequence[int] | None = None
   if tokens not in ("all", "cls"):
     raise ValueError(f"tokens must be 'all' or 'cls', got {tokens!r}")
   t_cfg = encoder_of(teacher).cfg
+  # The deepest teacher hidden state read; out-of-range maps keep the full teacher and fail
+  # below with the message that names the valid range.
+  depth = max(layer_map) if layer_map and 0 <= max(layer_map) <= t_cfg.num_layers else None
 
   def per_example(model, t, s, batch):
     (_, t_out), (_, s_out) = t, s
@@ -243,7 +264,7 @@ def xtreme_hidden(teacher: nnx.Module, *, layer_map: Sequence[int] | None = None
       parts[f"hidden_{j}_mse"] = losses.hidden_mse(h, t_h[i], mask)
     return sum(parts.values()) / len(parts), parts
 
-  return _objective(teacher, per_example)
+  return _objective(teacher, per_example, teacher_depth=depth)
 
 
 def logit_kd(teacher: nnx.Module, *, temperature: float = 1.0, soft_weight: float = 1.0,
@@ -299,27 +320,53 @@ def _encoder_keyed(flat: dict) -> dict:
   return {k.removeprefix("encoder/"): v for k, v in flat.items()}
 
 
-def copy_params(src: nnx.Module, dst: nnx.Module, layers: Sequence[int] | None = None) -> list:
-  """Copies every param of `src` into `dst` whose name and shape agree (encoder params matched
-  across task models); with `layers`, dst layer j takes src layer layers[j]. Returns the
-  dst names that were copied."""
+def copy_params(src: nnx.Module, dst: nnx.Module, layers: Sequence[int] | None = None, *,
+                fresh: Sequence[str] = ()) -> list:
+  """Copies every param of `src` into `dst` by name (encoder params matched across task
+  models); with `layers`, dst layer j takes src layer layers[j]. Returns the dst names copied.
+
+  A param both have under one name but with different shapes is an error listing every such
+  name and both shapes: skipping it would leave the student partly random without a word.
+  `fresh` opts in by name prefix (e.g. "classifier/" for a head with another label count): those
+  keep their fresh initialisation, and the log says so. Params only `dst` has (a new head) are
+  left as initialised."""
   src_flat = _encoder_keyed(pretrained.flat_params(src))
   dst_flat = pretrained.flat_params(dst)
-  new, copied = {}, []
+  new, copied, mismatched, kept = {}, [], [], []
   for name, old in dst_flat.items():
     key = name.removeprefix("encoder/")
     m = _LAYER.match(key)
     if m and layers is not None:
       key = _LAYER.sub(f"layers/{layers[int(m.group(1))]}/", key)
     value = src_flat.get(key)
-    if value is not None and tuple(value.shape) == tuple(old.shape):
-      # A real copy: sharing buffers with the teacher would break the loop's donation of the
-      # student's params (the teacher's are passed to the same step).
-      new[name] = jnp.array(value, copy=True)
-      copied.append(name)
+    if value is None:
+      continue
+    if tuple(value.shape) != tuple(old.shape):
+      (kept if name.startswith(tuple(fresh)) else mismatched).append(
+          f"{name}: source {tuple(value.shape)}, destination {tuple(old.shape)}")
+      continue
+    # A real copy: sharing buffers with the teacher would break the loop's donation of the
+    # student's params (the teacher's are passed to the same step).
+    new[name] = jnp.array(value, copy=True)
+    copied.append(name)
+  if mismatched:
+    raise ValueError(
+        f"{len(mismatched)} parameter(s) have other shapes in the source than in the model they "
+        f"would initialise: {'; '.join(mismatched[:8])}{' ...' if len(mismatched) > 8 else ''}. "
+        f"Use a source of the same architecture, or opt in to fresh values for them by name "
+        f"prefix (fresh=...)")
+  if kept:
+    log.info("kept %d freshly initialised parameter(s) whose shapes differ from the source: %s",
+             len(kept), "; ".join(kept))
   state = nnx.state(dst, nnx.Param)
   nnx.update(dst, pretrained.fill_params(state, new))
   return copied
+
+
+def _head_prefixes(model: nnx.Module) -> tuple[str, ...]:
+  """Name prefixes of a task model's head params (everything outside its encoder)."""
+  return tuple(sorted({name.split("/", 1)[0] + "/" for name in pretrained.flat_params(model)
+                       if not name.startswith("encoder/")}))
 
 
 def init_random(student_cfg: ModelConfig, *, task: str = "encoder",
@@ -350,7 +397,8 @@ def init_from_teacher_layers(teacher: nnx.Module, student_cfg: ModelConfig,
                      f"teacher's shapes; (teacher, student) differ in {diff}. Use a random init "
                      "(with a teacher assistant for much narrower students) instead.")
   student = init_random(student_cfg, task=task, num_labels=num_labels, seed=seed)
-  copy_params(teacher, student, layers)
+  # The encoder's shapes were checked above; a teacher head of another size stays fresh.
+  copy_params(teacher, student, layers, fresh=_head_prefixes(student))
   return student
 
 
@@ -364,5 +412,6 @@ def init_from_checkpoint(path, *, task: str = "encoder", num_labels: int | None 
   if m.task == task and (task != "classification" or m.num_labels == num_labels):
     return m.model, m.config
   student = init_random(m.config, task=task, num_labels=num_labels, seed=seed)
-  copy_params(m.model, student)
+  # Another task's or label count's head is replaced on purpose; the encoder must match.
+  copy_params(m.model, student, fresh=_head_prefixes(student))
   return student, m.config

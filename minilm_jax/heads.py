@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from minilm_jax.config import ModelConfig
-from minilm_jax.model import Dense, Encoder, LayerNorm, activation, dropout, matmul
+from minilm_jax.model import Dense, Encoder, LayerNorm, activation
+from minilm_jax.ops import dropout, matmul
 
 Array = jax.Array
 

@@ -20,7 +20,7 @@ import numpy as np
 from minilm_jax import checkpoint, hf, sharding
 from minilm_jax.config import ModelConfig
 from minilm_jax.heads import MaskedLM, SequenceClassifier, SpanQA
-from minilm_jax.model import Encoder
+from minilm_jax.model import Encoder, encoder_of
 
 log = logging.getLogger(__name__)
 TASKS = ("encoder", "classification", "qa", "mlm")
@@ -119,31 +119,39 @@ def load_model_dir(path: str | Path) -> tuple[nnx.Module, dict]:
 
 
 class Pretrained:
-  """A loaded encoder with its tokenizer. `m(**batch)` gives (B,T,H) last hidden states."""
+  """A loaded encoder with its tokenizer. `m(**batch)` gives (B,T,H) last hidden states.
+
+  Every call reads the live weights of `m.model` (`nnx.split` per call, a few ms): after
+  training, `nnx.update(m.model, ...)` or assigning another model to `m.model`, calls use the
+  new weights. One jitted forward is kept per model structure (graphdef)."""
 
   def __init__(self, model: nnx.Module, config: ModelConfig, tokenizer, source: Path,
                task: str = "encoder", num_labels: int | None = None):
     self.model, self.config, self.tokenizer = model, config, tokenizer
     self.source, self.task, self.num_labels = source, task, num_labels
-    self._graphdef, self._state = nnx.split(model)
-    self._forward = jax.jit(self._forward_impl)
+    self._forwards: dict = {}
 
   @property
   def encoder(self) -> Encoder:
-    return self.model if isinstance(self.model, Encoder) else self.model.encoder
+    return encoder_of(self.model)
 
-  def _forward_impl(self, state, input_ids, attention_mask, token_type_ids):
-    model = nnx.merge(self._graphdef, state)
-    encoder = model if isinstance(model, Encoder) else model.encoder
-    hidden, out = encoder(input_ids, attention_mask, token_type_ids)
-    return hidden.astype(jnp.float32), out.get("pooled")
+  def _forward(self, *arrays):
+    graphdef, state = nnx.split(self.model)
+    fn = self._forwards.get(graphdef)
+    if fn is None:
+      def forward(state, input_ids, attention_mask, token_type_ids):
+        hidden, out = encoder_of(nnx.merge(graphdef, state))(input_ids, attention_mask,
+                                                             token_type_ids)
+        return hidden.astype(jnp.float32), out.get("pooled")
+      fn = self._forwards[graphdef] = jax.jit(forward)
+    return fn(state, *arrays)
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                return_pooled: bool = False, **unused):
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
     types = jnp.zeros_like(input_ids) if token_type_ids is None else jnp.asarray(token_type_ids)
-    hidden, pooled = self._forward(self._state, input_ids, mask, types)
+    hidden, pooled = self._forward(input_ids, mask, types)
     return (hidden, pooled) if return_pooled else hidden
 
   def encode(self, texts: Sequence[str] | str, *, batch_size: int = 64,

@@ -88,7 +88,7 @@ def _evaluator(obj, teacher, model, batch):
     student = nnx.merge(graphdef, params)
     _, t_out = nnx.merge(teacher_graph, frozen)(*args)
     _, s_out = student(*args)
-    return obj.eval_fn(student, frozen, batch), t_out, s_out
+    return obj.eval_fn(student, batch, frozen), t_out, s_out
   return lambda m: jax.tree.map(np.asarray, fn(nnx.state(m), obj.frozen))
 
 
@@ -100,7 +100,7 @@ def _loss_and_grad(obj, teacher, model, batch):
 
   def f(params, frozen):
     student = nnx.merge(graphdef, params)
-    per_ex, parts = obj.loss_fn(student, frozen, batch, None)
+    per_ex, parts = obj.loss_fn(student, batch, None, frozen)
     # The forwards again, for the checks; XLA shares them with the loss's own.
     t_out, s_out = nnx.merge(teacher_graph, frozen)(*args)[1], student(*args)[1]
     w = batch["weights"]
@@ -190,7 +190,7 @@ def test_v1_head_mismatch_names_minilmv2():
   obj = distill.minilm_v1(teacher)  # no config given: tracing the first step fails, same message
   student = Encoder(student_cfg, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="MiniLMv2"):
-    jax.eval_shape(lambda: obj.eval_fn(student, obj.frozen, _batch()))
+    jax.eval_shape(lambda: obj.eval_fn(student, _batch(), obj.frozen))
   distill.minilm_v2(teacher, num_relation_heads=4, student_cfg=student_cfg)  # the way out
   with pytest.raises(ValueError, match="num_relation_heads=5 must divide"):
     distill.minilm_v2(teacher, num_relation_heads=5, student_cfg=student_cfg)
@@ -421,3 +421,59 @@ def test_configs_parse():
   for path in sorted((ROOT / "train" / "configs").glob("distill_*.yaml")):
     cfg, _ = cli.load(distill_main.DistillConfig, str(path), [], default="x")
     assert cfg.loop.best_mode == "min" and cfg.loop.best_metric == "loss", path.name
+
+
+# --- partial loads and the teacher's depth ---------------------------------------------------
+
+def test_copy_params_refuses_mismatched_shapes_and_names_them():
+  """A parameter both models have under one name but with other shapes used to be skipped
+  silently, leaving the student partly random. It is an error naming each one, unless opted in
+  by prefix (the intended case: a head with another label count stays fresh)."""
+  src = SequenceClassifier(CFG, 3, rngs=nnx.Rngs(0))
+  wide = SequenceClassifier(CFG.replace(intermediate_size=CFG.intermediate_size * 2), 3,
+                            rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match=r"encoder/layers/0/mlp/wi/kernel: source \(32, 64\), "
+                                       r"destination \(32, 128\)") as e:
+    distill.copy_params(src, wide)
+  assert "fresh=" in str(e.value)
+  other_head = SequenceClassifier(CFG, 2, rngs=nnx.Rngs(1))
+  with pytest.raises(ValueError, match="classifier/kernel"):
+    distill.copy_params(src, other_head)
+  before = np.asarray(other_head.classifier.kernel[...])
+  copied = distill.copy_params(src, other_head, fresh=("classifier/",))
+  assert "encoder/layers/0/mlp/wi/kernel" in copied and "classifier/kernel" not in copied
+  np.testing.assert_array_equal(other_head.classifier.kernel[...], before)
+  np.testing.assert_array_equal(other_head.encoder.embed.word[...], src.encoder.embed.word[...])
+
+
+def _dots(fn, *args) -> int:
+  return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+@pytest.mark.parametrize("kind", ["minilm_v1", "minilm_v2", "xtreme_hidden"])
+def test_teacher_stops_at_the_deepest_layer_the_objective_reads(kind):
+  """A 3-layer teacher read at layer 0 (hidden state 1) runs one layer: the loss's jaxpr holds
+  two teacher layers' matmuls fewer than when read at its last layer, and the truncated
+  teacher's outputs are the full teacher's first layer."""
+  teacher = Encoder(CFG.replace(num_layers=3, inference_chunk_tokens=0), rngs=nnx.Rngs(0))
+  student = Encoder(CFG, rngs=nnx.Rngs(1))
+  make = {"minilm_v1": lambda i: distill.minilm_v1(teacher, teacher_layer=i),
+          "minilm_v2": lambda i: distill.minilm_v2(teacher, num_relation_heads=4,
+                                                   teacher_layer=i),
+          "xtreme_hidden": lambda i: distill.xtreme_hidden(teacher, layer_map=(0, i + 1))}[kind]
+  batch = _batch()
+  dots = {}
+  for i in (0, 2):
+    obj = make(i)
+    dots[i] = _dots(lambda frozen, obj=obj: obj.loss_fn(student, batch, None, frozen)[0],
+                    obj.frozen)
+    assert np.isfinite(np.asarray(obj.loss_fn(student, batch, None, obj.frozen)[0])).all()
+  per_layer = (dots[2] - dots[0]) / 2
+  assert per_layer >= 6, dots  # q, k, v, o, wi, wo (and the attention products)
+  (run_1, params), (run_all, _) = distill._teacher_runner(teacher, 1), distill._teacher_runner(
+      teacher)
+  (_, one), (_, full) = run_1(params, batch), run_all(params, batch)
+  assert len(one["q"]) == 1 and len(one["hidden_states"]) == 2 and "pooled" not in one
+  for name in ("q", "k", "v"):
+    np.testing.assert_array_equal(one[name][0], full[name][0])
+  np.testing.assert_array_equal(one["hidden_states"][1], full["hidden_states"][1])

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from conftest import random_batch, tiny_roberta
 
+from minilm_jax.attention import attend, attention_bias, cast_bias, mask_value
 from minilm_jax.heads import MaskedLM, SequenceClassifier, SpanQA
-from minilm_jax.model import Encoder, attend, attention_bias, inference_chunks, matmul
+from minilm_jax.model import Encoder, inference_chunks
+from minilm_jax.ops import matmul
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +252,43 @@ def test_heads(tiny_cfg, roberta):
   d = cfg.hidden_size
   head = sum(x.size for x in jax.tree.leaves(nnx.state(mlm.mlm, nnx.Param)))
   assert head == d * d + d + 2 * d + cfg.vocab_size
+
+
+# --- fully padded rows -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_mask_bias_is_finite_in_every_dtype(dtype):
+  """finfo(float32).min became -inf in bfloat16 and float16: a row whose keys are all masked
+  (a dummy eval row) then softmaxed to NaN. The bias, and logits + bias, stay finite."""
+  mask = jnp.array([[1, 1, 0], [0, 0, 0]])
+  bias = attention_bias(mask, jnp.dtype(dtype))
+  assert bias.dtype == jnp.dtype(dtype) and bool(jnp.isfinite(bias).all())
+  assert bool(jnp.isfinite(cast_bias(attention_bias(mask), jnp.dtype(dtype))).all())
+  logits = jnp.full((2, 1, 1, 3), -30.0, jnp.dtype(dtype)) + bias
+  assert bool(jnp.isfinite(logits).all())
+  assert float(mask_value(jnp.dtype(dtype))) < -1e4
+
+
+@pytest.mark.parametrize("path", ["dense", "blocked", "chunked", "fused (cudnn's bias)"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_fully_padded_row_gives_no_nan(tiny_cfg, path, dtype):
+  """Row 1 is all padding, in every attention path and compute dtype: every output is finite.
+  The fused path is the cudnn branch's call with implementation='xla' (no GPU here): the same
+  bias cast into the compute dtype."""
+  cfg = tiny_cfg.replace(dtype=dtype, attention_query_block=4 if path != "dense" else 0,
+                         inference_chunk_tokens=8 if path == "chunked" else 0)
+  enc = Encoder(cfg, rngs=nnx.Rngs(0))
+  ids = jnp.asarray(random_batch(cfg, batch=2, length=8)["input_ids"])
+  mask = jnp.array([[1] * 8, [0] * 8])
+  if path.startswith("fused"):
+    layer = enc.layers[0]
+
+    def core(q, k, v, rng):
+      ctx = jax.nn.dot_product_attention(q, k, v, bias=cast_bias(attention_bias(mask), q.dtype),
+                                         implementation="xla")
+      return ctx, {}
+    x = enc.embed(ids, jnp.zeros_like(ids), enc.position_ids(ids), None)
+    hidden, _ = layer(x, None, None, core)
+  else:
+    hidden, _ = enc(ids, mask)
+  assert bool(jnp.isfinite(hidden.astype(jnp.float32)).all()), path

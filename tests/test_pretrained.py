@@ -415,3 +415,18 @@ def test_encoder_is_the_model(gt):
   assert isinstance(gt.encoder, Encoder) and gt.encoder is gt.model
   assert gt.config.num_layers == 6 and gt.config.use_pooler
 
+
+def test_calls_read_the_live_weights(tiny_dir):
+  """`m(...)` used a snapshot of the params taken at construction: after training or
+  `nnx.update(m.model, ...)` it silently ran the old weights. Now every call reads m.model."""
+  m = pretrained.from_pretrained(tiny_dir)
+  batch = m.tokenizer(["hello world!", "the cat sat on the mat."])
+  before = np.asarray(m(**batch))
+  params = nnx.state(m.model, nnx.Param)
+  nnx.update(m.model, jax.tree.map(lambda x: x * 1.5, params))
+  after = np.asarray(m(**batch))
+  want = np.asarray(m.model(**batch)[0])
+  assert not np.allclose(after, before, atol=1e-3)
+  np.testing.assert_allclose(after, want, rtol=1e-6, atol=1e-6)
+  m.model = pretrained.from_pretrained(tiny_dir).model  # a replaced model is read too
+  np.testing.assert_allclose(np.asarray(m(**batch)), before, rtol=1e-6, atol=1e-6)
