@@ -109,9 +109,9 @@ def main(argv=None) -> int:
         f"{cfg.loop.batch_size}, buckets {buckets}, shapes {batcher.shapes}; running {steps}")
 
   graphdef, state, tx, schedule = trainer.init_state(
-      m.model, cfg.optim, batcher.batches_per_epoch, m.config.num_layers, cfg.loop.seed)
+      m.model, cfg.optim, batcher.batches_per_epoch, cfg.loop.seed)
   step_fn = jax.jit(trainer.make_train_step(graphdef, finetune.classification(len(names)), tx,
-                                            schedule, cfg.loop.nan_policy), donate_argnums=0)
+                                            schedule), donate_argnums=0)
 
   per_shape = collections.defaultdict(lambda: {"compilations": 0, "cache_hits": 0,
                                                "compile_s": 0.0,

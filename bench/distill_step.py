@@ -92,10 +92,9 @@ def build_case(args):
                                 teacher_layer=args.teacher_layer, student_layer=-1,
                                 student_cfg=s_cfg)
   total, optim = 10_000, OptimConfig(learning_rate=1e-4, warmup_ratio=0.01)
-  graphdef, state, tx, schedule = trainer.init_state(student, optim, total, s_cfg.num_layers, 0)
-  step_fn = jax.jit(trainer.make_train_step(graphdef, objective, tx, schedule, "stop",
-                                            microbatches=args.microbatches),
-                    donate_argnums=0)
+  graphdef, state, tx, schedule = trainer.init_state(student, optim, total, 0)
+  step_fn = jax.jit(trainer.make_train_step(graphdef, objective, tx, schedule,
+                                            microbatches=args.microbatches), donate_argnums=0)
   frozen = objective.frozen
   host = common.random_batch(s_cfg, args.batch, args.seq)
   host["weights"] = np.ones(args.batch, np.float32)

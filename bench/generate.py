@@ -11,7 +11,7 @@ batch * max_len / seconds. Weights are a random init of the preset (speed does n
 them); the greedy outputs of all implementations are compared token for token.
 
 Cases:
-  jax_greedy      `seq2seq.decode_batch`, jitted: source K/V computed once, target K/V cache,
+  jax_greedy      `decoding.decode_batch`, jitted: source K/V computed once, target K/V cache,
                   fixed shapes in a lax.while_loop.
   jax_beam        the same with beam_size K (--beam); output tokens/s (K hypotheses per row).
   jax_recompute   greedy re-encoding [source | prefix | MASK] every step (the cache's reference).
@@ -154,7 +154,7 @@ def build(args):
   import jax
   import jax.numpy as jnp
 
-  from minilm_jax import pretrained
+  from minilm_jax import decoding, pretrained
   from minilm_jax import seq2seq as s2s
   from minilm_jax.config import get_preset
   torch = common.setup_torch()
@@ -171,15 +171,15 @@ def build(args):
   graphdef, params = nnx.split(model)  # params as arguments: closing over them makes constants
 
   def jax_case(name, dc, **kw):
-    fn = s2s.make_decode_fn(graphdef, dc, sp, **kw)
+    fn = decoding.make_decode_fn(graphdef, dc, sp, **kw)
     cases[name] = lambda: jax.block_until_ready(fn(params, *dev))
     outputs[name] = lambda: np.asarray(fn(params, *dev)[0])
 
-  greedy = s2s.DecodeConfig(max_length=t, min_length=t)
+  greedy = decoding.DecodeConfig(max_length=t, min_length=t)
   if "jax_greedy" in args.cases:
     jax_case("jax_greedy", greedy)
   if "jax_beam" in args.cases:
-    jax_case("jax_beam", s2s.DecodeConfig(max_length=t, min_length=t, beam_size=args.beam))
+    jax_case("jax_beam", decoding.DecodeConfig(max_length=t, min_length=t, beam_size=args.beam))
   if "jax_recompute" in args.cases:
     jax_case("jax_recompute", greedy, cache=False)
   if any(c.startswith("torch") for c in args.cases):

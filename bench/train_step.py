@@ -96,9 +96,9 @@ def build_case(args, num_labels: int = 2):
                           attn=args.torch_attn).train()
 
   total, optim = 10_000, OptimConfig(learning_rate=5e-5, warmup_ratio=0.06)
-  graphdef, state, tx, schedule = trainer.init_state(model, optim, total, cfg.num_layers, 0)
+  graphdef, state, tx, schedule = trainer.init_state(model, optim, total, 0)
   step_fn = jax.jit(trainer.make_train_step(graphdef, finetune.classification(num_labels), tx,
-                                            schedule, "stop", microbatches=args.microbatches),
+                                            schedule, microbatches=args.microbatches),
                     donate_argnums=0)
   host = common.random_batch(cfg, args.batch, args.seq)
   host["labels"] = np.random.default_rng(1).integers(0, num_labels, args.batch).astype(np.int32)

@@ -18,7 +18,7 @@ A variant that wins is proposed to the model owner as a diff; see bench/README.m
   bits_dropout  dropout masks from raw uint32 bits compared with an integer threshold instead of
               bernoulli's uniform floats (inference unaffected)
   threefry_dropout  dropout masks from jax.random.bernoulli (threefry), what the library did
-              before it adopted the counter-hash masks of `model.dropout` (1.19x on the CPU
+              before it adopted the counter-hash masks of `ops.dropout` (1.19x on the CPU
               fine-tuning step)
 Combine with "+": e.g. softmax_bsnh+threefry_dropout (the library as it was).
 """
@@ -30,6 +30,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from minilm_jax import attention as A
 from minilm_jax import heads as H
 from minilm_jax import model as M
 
@@ -50,7 +51,7 @@ def _attention_core(cfg, q, k, v, bias, dropout_rng, layout: str):
 
 
 def _make_call(fused: bool, layout: str):
-  def __call__(self, x, bias, dropout_rng):
+  def __call__(self, x, bias, dropout_rng, core=None):
     cfg = self.cfg
     dt = cfg.compute_dtype
     out_eqn = "BTD,DNH->BTNH" if layout == "BTNH" else "BTD,DNH->BNTH"
@@ -80,7 +81,7 @@ def _make_call(fused: bool, layout: str):
   return __call__
 
 
-def _softmax_bsnh_call(self, x, bias, dropout_rng):
+def _softmax_bsnh_call(self, x, bias, dropout_rng, core=None):
   """The library's attention before it moved to heads-major operands and deferred
   normalisation: (B,T,N,H) einsums around a full softmax."""
   cfg = self.cfg
@@ -93,7 +94,7 @@ def _softmax_bsnh_call(self, x, bias, dropout_rng):
   return self.o(ctx), {"q": q, "k": k, "v": v, "attention_logits": logits}
 
 
-def _dpa_call(self, x, bias, dropout_rng):
+def _dpa_call(self, x, bias, dropout_rng, core=None):
   cfg = self.cfg
   if dropout_rng is not None and cfg.attention_dropout > 0:
     raise ValueError("variant dpa has no attention dropout; use it for inference only")
@@ -149,8 +150,9 @@ def apply(name: str) -> None:
 
 
 def _patch_dropout(fn) -> None:
-  # model.py and heads.py both look `dropout` up as a module global at call time.
+  # model.py, attention.py and heads.py look `dropout` up as a module global at call time.
   M.dropout = fn
+  A.dropout = fn
   H.dropout = fn
 
 
@@ -218,9 +220,9 @@ def _train_cases(preset, batch, seq, dtype, names, with_torch: bool):
   for name in names:
     apply(name)
     model = pretrained.build(cfg, "classification", 2, seed=0)
-    graphdef, state, tx, schedule = trainer.init_state(model, optim, 10_000, cfg.num_layers, 0)
-    step = jax.jit(trainer.make_train_step(graphdef, finetune.classification(2), tx, schedule,
-                                           "stop"), donate_argnums=0)
+    graphdef, state, tx, schedule = trainer.init_state(model, optim, 10_000, 0)
+    step = jax.jit(trainer.make_train_step(graphdef, finetune.classification(2), tx, schedule),
+                   donate_argnums=0)
     box = {"state": state}
 
     def run(step=step, box=box):

@@ -503,6 +503,7 @@ class Features:
   offsets: np.ndarray  # (N + 1,) int64
   labels: np.ndarray  # (N,) int32 | float32
   pad_id: int
+  num_truncated: int = 0  # examples that lost tokens to max_length when encoded
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -520,7 +521,8 @@ class Features:
 
 def encode_examples(tok, examples: Sequence[Example], max_length: int, *,
                     chunk_size: int = 2048) -> Features:
-  """Tokenises (text[, pair]) of every example, truncated longest-first to `max_length`.
+  """Tokenises (text[, pair]) of every example, truncated longest-first to `max_length`; logs
+  how many were truncated (`Features.num_truncated`).
 
   All examples have a pair or none do; all have labels or none do. Labels become float32 when
   any is a float (regression), int32 otherwise.
@@ -539,19 +541,23 @@ def encode_examples(tok, examples: Sequence[Example], max_length: int, *,
   else:
     labels = np.full(n, -1, np.int32)
 
-  ids, types = [], []
+  ids, types, truncated = [], [], 0
   for start in range(0, n, chunk_size):
     chunk = examples[start:start + chunk_size]
     pairs = [ex["pair"] for ex in chunk] if has_pair == {True} else None
     enc = tok([ex["text"] for ex in chunk], pairs, max_length=max_length,
-              truncation="longest_first", padding="do_not_pad")
+              truncation="longest_first", padding="do_not_pad", return_truncated=True)
     ids += enc["input_ids"]
     types += enc["token_type_ids"]
+    truncated += int(enc["truncated"].sum())
+  if truncated:
+    log.info("%d of %d examples (%.1f%%) were truncated to max_length %d", truncated, n,
+             100 * truncated / max(n, 1), max_length)
   offsets = np.zeros(n + 1, np.int64)
   offsets[1:] = np.cumsum([len(row) for row in ids])
   flat = lambda rows: np.fromiter(itertools.chain.from_iterable(rows), np.int32, offsets[-1])
   return Features(tokens=flat(ids), token_types=flat(types), offsets=offsets, labels=labels,
-                  pad_id=int(tok.pad_id))
+                  pad_id=int(tok.pad_id), num_truncated=truncated)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,9 +569,11 @@ class Batcher:
 
   Epoch e's order is a pure function of (seed, e): rng = default_rng([seed, e]); a permutation
   of the examples (identity without `shuffle`); per bucket (ascending), consecutive groups of
-  `batch_size` in that order, the last one padded with dummy rows (index -1, weight 0) or
-  dropped with `drop_remainder`; then a permutation of the batch order (none without
-  `shuffle`). An example goes to the smallest bucket >= its length, so every batch has shape
+  `batch_size` in that order; the buckets' remainders then share batches, each as long as the
+  bucket of its longest row, the last one padded with dummy rows (index -1, weight 0), so an
+  epoch has ceil(N / batch_size) batches as HF's has (`drop_remainder` drops the remainders
+  instead); then a permutation of the batch order (none without `shuffle`). An example goes to
+  the smallest bucket >= its length, so every batch has shape
   (batch_size // process_count, bucket) for a bucket in `buckets`.
 
   Multi-host: every process computes the same global batches and takes rows
@@ -610,33 +618,36 @@ class Batcher:
     self.process_count = process_count
     self._bucket = np.searchsorted(np.asarray(buckets), lengths, side="left")
     counts = np.bincount(self._bucket, minlength=len(buckets))
-    per_bucket = counts // batch_size if drop_remainder else -(-counts // batch_size)
-    self._batches_per_bucket = per_bucket
-    self.batches_per_epoch = int(per_bucket.sum())
+    self._counts = counts
+    full = int((counts // batch_size).sum())
+    self.batches_per_epoch = full if drop_remainder else -(-len(features) // batch_size)
     self._epoch, self._batch = 0, 0
     self._plan_epoch, self._plan = None, None
 
   @property
   def shapes(self) -> list[tuple[int, int]]:
-    """The batch shapes this Batcher produces (one jit compilation each)."""
-    return [(self.local_batch_size, b) for b, n in zip(self.buckets, self._batches_per_bucket,
-                                                             strict=True) if n]
+    """The batch shapes this Batcher can produce (one jit compilation each): every bucket that
+    holds a full batch, or any example when remainders are kept."""
+    least = self.batch_size if self.drop_remainder else 1
+    return [(self.local_batch_size, b) for b, n in zip(self.buckets, self._counts, strict=True)
+            if n >= least]
 
   def epoch_batches(self, epoch: int) -> list[np.ndarray]:
     """Global batches of an epoch as int32 example-index arrays of length batch_size (-1 dummy)."""
     n, size = len(self.features), self.batch_size
     rng = np.random.default_rng([self.seed, epoch])
     order = rng.permutation(n) if self.shuffle else np.arange(n)
-    batches = []
+    batches, rest = [], []
     for b in range(len(self.buckets)):
       members = order[self._bucket[order] == b]
-      for start in range(0, len(members), size):
-        chunk = members[start:start + size]
-        if len(chunk) < size:
-          if self.drop_remainder:
-            break
-          chunk = np.concatenate([chunk, np.full(size - len(chunk), -1)])
-        batches.append(chunk.astype(np.int32))
+      full = len(members) - len(members) % size
+      batches += [members[s:s + size].astype(np.int32) for s in range(0, full, size)]
+      rest.append(members[full:])
+    if not self.drop_remainder:
+      rest = np.concatenate(rest)
+      for start in range(0, len(rest), size):
+        chunk = rest[start:start + size]
+        batches.append(np.concatenate([chunk, np.full(size - len(chunk), -1)]).astype(np.int32))
     if self.shuffle:
       batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -646,7 +657,7 @@ class Batcher:
     if self._plan_epoch != epoch:
       self._plan_epoch, self._plan = epoch, self.epoch_batches(epoch)
     rows = self._plan[index]
-    length = self.buckets[self._bucket[rows[0]]]  # row 0 is real: dummies only pad the end
+    length = self._length(rows)
     lo = self.process_index * self.local_batch_size
     rows = rows[lo:lo + self.local_batch_size]
     f = self.features
@@ -665,6 +676,10 @@ class Batcher:
     return {"input_ids": input_ids, "attention_mask": attention_mask,
             "token_type_ids": token_type_ids, "labels": labels,
             "weights": real.astype(np.float32), "index": rows.astype(np.int32)}
+
+  def _length(self, rows: np.ndarray) -> int:
+    """A batch's length: the bucket of its longest real row (dummies only pad the end)."""
+    return self.buckets[int(self._bucket[rows[rows >= 0]].max())]
 
   def iter_epoch(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """The batches of one epoch (evaluation: Batcher(..., shuffle=False).iter_epoch())."""
@@ -712,7 +727,7 @@ class Batcher:
     lengths = self.features.lengths
     slots = real = 0
     for rows in self.epoch_batches(epoch):
-      slots += self.batch_size * self.buckets[self._bucket[rows[0]]]
+      slots += self.batch_size * self._length(rows)
       real += int(lengths[rows[rows >= 0]].sum())
     return 1.0 - real / slots if slots else 0.0
 

@@ -112,13 +112,14 @@ class Tokenizer:
   def __call__(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None, *,
                max_length: int | None = None, truncation: str = "longest_first",
                padding: str = "longest", pad_to_multiple_of: int | None = None,
-               return_offsets: bool = False) -> dict[str, Any]:
+               return_offsets: bool = False, return_truncated: bool = False) -> dict[str, Any]:
     """Tokenizes a batch (a lone string is a batch of one) into int32 arrays of shape (B, T).
 
     Returns input_ids, attention_mask, token_type_ids and, with `return_offsets`, offsets
     (B, T, 2): character spans in the original text of each token's own segment, (0, 0) for
     special and pad tokens; sequence_ids (B, T): 0 text, 1 pair, -1 special or pad. With
-    padding="do_not_pad" the values are per-example lists instead of arrays.
+    padding="do_not_pad" the values are per-example lists instead of arrays. With
+    `return_truncated`, truncated (B,) bool: the example lost tokens to max_length.
     """
     texts = _as_batch(texts, "texts")
     if pairs is not None:
@@ -144,7 +145,7 @@ class Tokenizer:
     enc_a = self._backend.encode_batch(texts, add_special_tokens=False)
     enc_b = (self._backend.encode_batch(pairs, add_special_tokens=False) if pairs is not None
              else [None] * len(texts))
-    rows = []
+    rows, truncated = [], []
     for a, b in zip(enc_a, enc_b):
       # Each getter copies out of Rust: fetch once, and offsets only when asked for.
       ids_a, ids_b = a.ids, None if b is None else b.ids
@@ -157,6 +158,7 @@ class Tokenizer:
                              "(truncation='do_not_truncate')")
         else:
           n_a, n_b = _truncated_lengths(n_a, n_b, max_length - n_special, truncation)
+      truncated.append(n_a < len(ids_a) or (b is not None and n_b < len(ids_b)))
       offs_a = a.offsets[:n_a] if return_offsets else None
       offs_b = b.offsets[:n_b] if return_offsets and b is not None else None
       rows.append(self._assemble(ids_a[:n_a], None if b is None else ids_b[:n_b], offs_a, offs_b))
@@ -164,10 +166,11 @@ class Tokenizer:
     keys = ["input_ids", "attention_mask", "token_type_ids"]
     if return_offsets:
       keys += ["offsets", "sequence_ids"]
+    extra = {"truncated": np.asarray(truncated, bool)} if return_truncated else {}
     if padding == "do_not_pad":
       for row in rows:
         row["attention_mask"] = [1] * len(row["input_ids"])
-      return {k: [row[k] for row in rows] for k in keys}
+      return {**{k: [row[k] for row in rows] for k in keys}, **extra}
 
     longest = max((len(row["input_ids"]) for row in rows), default=0)
     length = max_length if padding == "max_length" else longest
@@ -189,7 +192,7 @@ class Tokenizer:
       out["sequence_ids"][i, :n] = row["sequence_ids"]
       if n:
         out["offsets"][i, :n] = row["offsets"]
-    return {k: out[k] for k in keys}
+    return {**{k: out[k] for k in keys}, **extra}
 
 
 def _truncated_lengths(n_a: int, n_b: int | None, budget: int, strategy: str):

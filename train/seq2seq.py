@@ -16,14 +16,13 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Literal
 
 import flax.nnx as nnx
 import jax
 import numpy as np
 
-from minilm_jax import data, pretrained, seq2seq, sharding, squad, trainer
+from minilm_jax import data, decoding, finetune, pretrained, seq2seq, sharding, squad, trainer
 from minilm_jax.optim import OptimConfig
 from train import cli
 from train.finetune import ModelSpec, resolve_model_path
@@ -53,7 +52,7 @@ class Seq2SeqRunConfig:
   model: ModelSpec = ModelSpec()
   data: DataSpec = DataSpec()
   objective: seq2seq.Seq2SeqConfig = seq2seq.Seq2SeqConfig()
-  decode: seq2seq.DecodeConfig = seq2seq.DecodeConfig()
+  decode: decoding.DecodeConfig = decoding.DecodeConfig()
   optim: OptimConfig = OptimConfig()
   loop: trainer.LoopConfig = trainer.LoopConfig(output_dir="runs/seq2seq", best_metric="bleu4")
   eval_untrained: bool = True           # score the starting model first: the baseline
@@ -115,9 +114,7 @@ def _cap(pairs, n, seed):
 # --- main --------------------------------------------------------------------------------
 
 def run(cfg: Seq2SeqRunConfig) -> dict:
-  out_dir = Path(cfg.loop.output_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  cli.save_config(out_dir, cfg, cfg.loop.resume)
+  out_dir = cli.start_run(cfg, cfg.loop)
   model_path = resolve_model_path(cfg.model.path)
   m = pretrained.from_pretrained(model_path, "mlm", seed=cfg.loop.seed,
                                 **cfg.model.overrides())
@@ -134,7 +131,8 @@ def run(cfg: Seq2SeqRunConfig) -> dict:
     raise ValueError("no training pairs")
   train_batches = data.ArrayBatcher(seq2seq.encode_pairs(tok, train_pairs, s2s),
                                     batch_size=cfg.loop.batch_size, seed=cfg.loop.seed,
-                                    shuffle=True, drop_remainder=True)
+                                    shuffle=True,
+                               drop_remainder=cfg.loop.drop_remainder)
   eval_batches = None
   if eval_pairs:
     eval_batches = data.ArrayBatcher(seq2seq.encode_pairs(tok, eval_pairs, s2s),
@@ -148,7 +146,7 @@ def run(cfg: Seq2SeqRunConfig) -> dict:
     predictions.clear()
     predictions.update(zip((int(i) for i in index), texts))
 
-  objective = seq2seq.objective(tok, s2s, dec, references=[p[1] for p in eval_pairs] or None,
+  objective = finetune.seq2seq(tok, s2s, dec, references=[p[1] for p in eval_pairs] or None,
                                 lowercase=mcfg.do_lower_case, on_predictions=keep_predictions)
   mesh = sharding.make_mesh(cfg.loop.mesh_data, cfg.loop.mesh_fsdp)
   untrained = None
@@ -168,7 +166,7 @@ def run(cfg: Seq2SeqRunConfig) -> dict:
 
   t0 = time.perf_counter()
   res = trainer.train(m.model, objective, train_batches, cfg.loop, cfg.optim,
-                      eval_batches=eval_batches, num_layers=mcfg.num_layers, on_eval=on_eval,
+                      eval_batches=eval_batches, on_eval=on_eval,
                       mesh=mesh)
   train_seconds = time.perf_counter() - t0
 
