@@ -80,11 +80,7 @@ def _teacher_runner(teacher: nnx.Module, depth: int | None = None):
 
 def _teacher_index(teacher: nnx.Module, index: int) -> int:
   """A (possibly negative) teacher layer index as 0..L-1; raises if there is no such layer."""
-  n = encoder_of(teacher).cfg.num_layers
-  if not -n <= index < n:
-    raise ValueError(f"teacher layer {index} does not exist: the model has {n} layers "
-                     f"(valid indices {-n}..{n - 1})")
-  return index % n
+  return _layer(range(encoder_of(teacher).cfg.num_layers), index, "teacher")
 
 
 def cast_model(model: nnx.Module, dtype: str, task: str = "encoder",
