@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilm_jax import checkpoint, losses, pretrained
+from minilm_jax import checkpoint, losses, packing, pretrained
 from minilm_jax.config import ModelConfig
 from minilm_jax.model import Dense, Encoder, encoder_of
 from minilm_jax.trainer import Objective
@@ -57,8 +57,24 @@ class StudentWithProjection(nnx.Module):
 
 # --- teacher -------------------------------------------------------------------------------
 
-def _inputs(batch):
-  return batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
+def _inputs(batch) -> dict:
+  """The model's keyword inputs: packed rows (`segment_ids`) instead of an attention mask."""
+  keys = ("input_ids", "token_type_ids", "segment_ids" if "segment_ids" in batch
+          else "attention_mask")
+  return {k: batch[k] for k in keys}
+
+
+def _real(batch):
+  """(B, T) mask of real tokens, for packed rows too."""
+  return batch["segment_ids"] > 0 if "segment_ids" in batch else batch["attention_mask"]
+
+
+def _weights(batch):
+  """Loss weights: a packed row counts as many examples as it holds (`packing.py`), so that the
+  loop's weighted mean is the mean over examples, as for unpacked rows."""
+  if "segment_ids" in batch:
+    return batch["weights"] * packing.num_segments(batch["segment_ids"])
+  return batch["weights"]
 
 
 def _teacher_runner(teacher: nnx.Module, depth: int | None = None):
@@ -71,9 +87,9 @@ def _teacher_runner(teacher: nnx.Module, depth: int | None = None):
   def run(frozen, batch):
     model = nnx.merge(graphdef, frozen)
     if depth is None:
-      out = model(*_inputs(batch))
+      out = model(**_inputs(batch))
     else:
-      out = encoder_of(model)(*_inputs(batch), depth=depth)
+      out = encoder_of(model)(**_inputs(batch), depth=depth)
     return jax.lax.stop_gradient(out)
   return run, params
 
@@ -110,13 +126,13 @@ def _objective(teacher: nnx.Module, per_example, *, extra_eval=None, extra_metri
 
   def outputs(model, frozen, batch, rng):
     t = run_teacher(frozen, batch) if teacher_needed else None
-    s = model(*_inputs(batch), dropout_rng=rng)
+    s = model(**_inputs(batch), dropout_rng=rng)
     return t, s
 
   def loss_fn(model, batch, rng, frozen):
     t, s = outputs(model, frozen, batch, rng)
     per_ex, parts = per_example(model, t, s, batch)
-    return per_ex, {k: _wmean(v, batch["weights"]) for k, v in parts.items()}
+    return per_ex, {k: _wmean(v, _weights(batch)) for k, v in parts.items()}
 
   def eval_fn(model, batch, frozen):
     t, s = outputs(model, frozen, batch, None)
@@ -133,7 +149,8 @@ def _objective(teacher: nnx.Module, per_example, *, extra_eval=None, extra_metri
       res = extra_metrics(out, res)
     return res
 
-  return Objective(loss_fn, eval_fn, metrics_fn, best_metric="loss", frozen=params)
+  return Objective(loss_fn, eval_fn, metrics_fn, best_metric="loss", frozen=params,
+                   weights=_weights)
 
 
 def _layer(seq: list, index: int, who: str):
@@ -182,11 +199,12 @@ def minilm_v1(teacher: nnx.Module, *, teacher_layer: int = -1, student_layer: in
     sq, sk, sv = (pick(s_out, n, student_layer, "student") for n in "qkv")
     if tq.shape[2] != sq.shape[2]:
       check_minilm_v1(encoder_of(teacher).cfg, encoder_of(model).cfg)
-    mask = batch["attention_mask"]
+    mask, seg = _real(batch), batch.get("segment_ids")
     # Attention from q/k rather than out["attention_logits"]: the fused (cudnn) attention path
     # returns no logits. Their sum equals losses.minilm_v1_loss; kept apart for the curves.
-    at = losses.attention_kl(_attention_logits(tq, tk), _attention_logits(sq, sk), mask)
-    vr = losses.relation_kl(tv, sv, mask, num_relation_heads=None)
+    at = losses.attention_kl(_attention_logits(tq, tk), _attention_logits(sq, sk), mask,
+                             segment_ids=seg)
+    vr = losses.relation_kl(tv, sv, mask, num_relation_heads=None, segment_ids=seg)
     return at + vr, {"attention_kl": at, "value_kl": vr}
 
   return _objective(teacher, per_example, teacher_depth=t_layer + 1)
@@ -207,8 +225,8 @@ def minilm_v2(teacher: nnx.Module, *, num_relation_heads: int = losses.RELATION_
     for name in "qkv":
       parts[f"{name}{name}_kl"] = losses.relation_kl(
           _layer(t_out[name], t_layer, "teacher"),
-          _layer(s_out[name], student_layer, "student"), batch["attention_mask"],
-          num_relation_heads=num_relation_heads)
+          _layer(s_out[name], student_layer, "student"), _real(batch),
+          num_relation_heads=num_relation_heads, segment_ids=batch.get("segment_ids"))
     return sum(parts.values()), parts
 
   return _objective(teacher, per_example, teacher_depth=t_layer + 1)
@@ -244,9 +262,11 @@ def xtreme_hidden(teacher: nnx.Module, *, layer_map: Sequence[int] | None = None
     if len(lmap) != len(s_h) or not all(0 <= i < len(t_h) for i in lmap):
       raise ValueError(f"layer_map {lmap} must give one teacher hidden-state index in "
                        f"0..{len(t_h) - 1} for each of the student's {len(s_h)} hidden states")
-    mask = batch["attention_mask"]
-    if tokens == "cls":
-      mask = mask * (jnp.arange(mask.shape[1]) == 0)[None, :]
+    mask, seg = _real(batch), batch.get("segment_ids")
+    if tokens == "cls":  # each example's first token, in packed rows each segment's
+      first = (jnp.arange(mask.shape[1]) == 0)[None, :] if seg is None else (
+          packing.segment_positions(seg) == 0)
+      mask = mask * first
     parts = {}
     for j, i in enumerate(lmap):
       if j == 0 and not include_embeddings:
@@ -257,7 +277,7 @@ def xtreme_hidden(teacher: nnx.Module, *, layer_map: Sequence[int] | None = None
       elif h.shape[-1] != t_cfg.hidden_size:
         raise ValueError(f"student width {h.shape[-1]} != teacher width {t_cfg.hidden_size}: "
                          "wrap the student in distill.StudentWithProjection")
-      parts[f"hidden_{j}_mse"] = losses.hidden_mse(h, t_h[i], mask)
+      parts[f"hidden_{j}_mse"] = losses.hidden_mse(h, t_h[i], mask, segment_ids=seg)
     return sum(parts.values()) / len(parts), parts
 
   return _objective(teacher, per_example, teacher_depth=depth)

@@ -20,6 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from minilm_jax import packing
+
 # Masked positions get this logit rather than -inf: exp underflows to exactly 0 in float32, yet
 # (masked - max) stays finite, so fully padded rows give a uniform softmax instead of NaN.
 _MASK_LOGIT = -1e9
@@ -123,12 +125,26 @@ def logit_mse(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array
   return mse(student_logits, teacher_logits)
 
 
-def hidden_mse(student_h: jax.Array, teacher_h: jax.Array, mask: jax.Array) -> jax.Array:
+def hidden_mse(student_h: jax.Array, teacher_h: jax.Array, mask: jax.Array, *,
+               segment_ids: jax.Array | None = None) -> jax.Array:
   """MSE over real tokens and features. student_h (B, T, D) already projected to the teacher's
-  width by the caller, teacher_h (B, T, D), mask (B, T) -> (B,). All-padding rows give 0."""
+  width by the caller, teacher_h (B, T, D), mask (B, T) -> (B,). All-padding rows give 0.
+
+  Packed rows (`segment_ids`, see `packing.py`): the mean over each segment's masked tokens,
+  then over the row's segments: a segment's value is the unpacked example's."""
   mask = _f32(mask)
   sq = jnp.square(_f32(student_h) - _f32(teacher_h)).mean(-1)  # BT
-  return (sq * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+  seg = _segments(mask, segment_ids)
+  per_segment = (packing.segment_mask(seg) * mask[:, None, :]).sum(-1)  # masked tokens, BT
+  w = mask / jnp.maximum(per_segment, 1.0)
+  return (sq * w).sum(-1) / jnp.maximum(packing.num_segments(seg), 1.0)
+
+
+def _segments(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+  """The rows' segment ids: given for packed rows, else one segment of the real tokens."""
+  if segment_ids is not None:
+    return jnp.asarray(segment_ids)
+  return (jnp.asarray(mask) > 0).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,27 +153,31 @@ def hidden_mse(student_h: jax.Array, teacher_h: jax.Array, mask: jax.Array) -> j
 # (heads x real query positions) per example.
 
 
-def _row_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array) -> jax.Array:
+def _row_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array,
+            segment_ids: jax.Array | None = None) -> jax.Array:
   """KL(teacher || student) of row softmaxes. logits (B, N, T, S), mask (B, T=S) -> (B,).
 
   Padded keys get no probability mass; padded query rows contribute 0; the sum over heads and real
-  query positions is divided by N * (number of real positions).
+  query positions is divided by N * (number of real positions). Packed rows (`segment_ids`): a
+  query sees only its own segment's keys, each segment is normalised by its own length, and the
+  row's value is the mean over its segments, each one the unpacked example's loss.
   """
-  valid = jnp.asarray(mask) > 0  # BS
-  key_ok = valid[:, None, None, :]  # B11S
+  seg = _segments(mask, segment_ids)
+  key_ok = packing.segment_mask(seg)[:, None]  # B1TS
   t_logits = jnp.where(key_ok, _f32(t_logits), _MASK_LOGIT)
   s_logits = jnp.where(key_ok, _f32(s_logits), _MASK_LOGIT)
   log_pt = jax.nn.log_softmax(t_logits, axis=-1)
   log_ps = jax.nn.log_softmax(s_logits, axis=-1)
   # where() instead of relying on 0 * (big - big): keeps values and gradients exactly 0 there.
-  kl = jnp.where(key_ok, jnp.exp(log_pt) * (log_pt - log_ps), 0.0).sum(-1)  # BNT
-  kl = jnp.where(valid[:, None, :], kl, 0.0).sum((1, 2))  # B
+  kl = jnp.where(key_ok, jnp.exp(log_pt) * (log_pt - log_ps), 0.0).sum((1, -1))  # BT
+  length = packing.segment_lengths(seg)  # 0 at padded queries
+  kl = jnp.where(length > 0, kl / jnp.maximum(length, 1.0), 0.0).sum(-1)  # B
   num_heads = t_logits.shape[1]
-  num_real = jnp.maximum(valid.sum(-1), 1).astype(kl.dtype)
-  return kl / (num_heads * num_real)
+  return kl / (num_heads * jnp.maximum(packing.num_segments(seg), 1.0))
 
 
-def attention_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array) -> jax.Array:
+def attention_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array, *,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
   """KL between attention distributions given pre-softmax attention logits (B, N, T, S).
 
   Use when the model already returns its attention scores (QK^T / sqrt(d_k)); any mask bias in
@@ -166,7 +186,7 @@ def attention_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array) -> j
   if t_logits.shape[1] != s_logits.shape[1]:
     raise ValueError(f"attention_kl needs equal head counts, got teacher {t_logits.shape[1]} and "
                      f"student {s_logits.shape[1]}; use minilm_v2_loss with relation heads.")
-  return _row_kl(t_logits, s_logits, mask)
+  return _row_kl(t_logits, s_logits, mask, segment_ids)
 
 
 def _relation_logits(x: jax.Array, num_relation_heads: int | None, who: str) -> jax.Array:
@@ -185,7 +205,8 @@ def _relation_logits(x: jax.Array, num_relation_heads: int | None, who: str) -> 
 
 
 def relation_kl(t_x: jax.Array, s_x: jax.Array, mask: jax.Array, *,
-                num_relation_heads: int | None) -> jax.Array:
+                num_relation_heads: int | None, segment_ids: jax.Array | None = None
+                ) -> jax.Array:
   """Self-relation KL: KL(softmax(X_t X_t^T / sqrt(d_t)) || softmax(X_s X_s^T / sqrt(d_s))).
 
   t_x (B, T, N, H) teacher, s_x (B, T, N', H') student, mask (B, T) -> (B,).
@@ -198,7 +219,7 @@ def relation_kl(t_x: jax.Array, s_x: jax.Array, mask: jax.Array, *,
                      f"{t_x.shape[2]} and student {s_x.shape[2]}; pass num_relation_heads.")
   t_rel = _relation_logits(t_x, num_relation_heads, "teacher")
   s_rel = _relation_logits(s_x, num_relation_heads, "student")
-  return _row_kl(t_rel, s_rel, mask)
+  return _row_kl(t_rel, s_rel, mask, segment_ids)
 
 
 def minilm_v1_loss(t_q: jax.Array, t_k: jax.Array, t_v: jax.Array, s_q: jax.Array,

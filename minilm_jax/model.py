@@ -26,7 +26,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from minilm_jax import sharding
+from minilm_jax import packing, sharding
 from minilm_jax.attention import attend, attention_bias, cast_bias
 from minilm_jax.config import ModelConfig
 from minilm_jax.ops import dropout, matmul
@@ -176,24 +176,36 @@ class Encoder(nnx.Module):
       d = cfg.hidden_size
       self.pooler = Dense(cfg, "BD,DE->BE", (d, d), ("embed", None), (d,), (None,), rngs=rngs)
 
-  def position_ids(self, input_ids: Array) -> Array:
+  def position_ids(self, input_ids: Array, within: Array | None = None) -> Array:
+    """Position ids of a batch; `within` (B,T): each token's index inside its packed segment."""
     cfg = self.cfg
     if cfg.position_style == "roberta":
       # RobertaModel counts real tokens from padding_idx + 1 and gives pads padding_idx.
       real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
-      return jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+      count = jnp.cumsum(real, axis=1) if within is None else within + 1
+      return count * real + cfg.pad_token_id
+    if within is not None:
+      return within.astype(jnp.int32)
     return jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                token_type_ids: Array | None = None, position_ids: Array | None = None, *,
-               dropout_rng: Array | None = None, depth: int | None = None
-               ) -> tuple[Array, dict]:
+               segment_ids: Array | None = None, dropout_rng: Array | None = None,
+               depth: int | None = None) -> tuple[Array, dict]:
     """-> (hidden (B,T,D), intermediates). `depth` runs only the first `depth` layers (the
     hidden states and intermediates then stop there, and there is no pooled output).
 
-    With explicit `position_ids` the length may exceed the position table (UniLM's pseudo
-    tokens reuse the target's positions): only the ids index it."""
+    Packed rows pass `segment_ids` instead of `attention_mask` (`packing.py`): attention is
+    block-diagonal per segment and positions restart at every segment, so each packed example
+    gets the hidden states it has alone. With explicit `position_ids` the length may exceed the
+    position table (UniLM's pseudo tokens reuse the target's positions): only the ids index it."""
     cfg = self.cfg
+    if segment_ids is not None:
+      if attention_mask is not None:
+        raise ValueError("pass attention_mask or segment_ids (packed rows), not both")
+      attention_mask = packing.segment_mask(segment_ids)
+      if position_ids is None:
+        position_ids = self.position_ids(input_ids, packing.segment_positions(segment_ids))
     if input_ids.ndim != 2:
       raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
     seq_len = input_ids.shape[1]

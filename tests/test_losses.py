@@ -288,3 +288,48 @@ def test_gradients_match_finite_differences():
     ]
     for fn, x in cases:
       _check_grad(fn, x, rng)
+
+
+# ------------------------------------------------------------------------- packed rows
+
+
+def _pack(arrays, lengths, width):
+  """Per-example arrays (B, T, ...) with real prefixes `lengths` -> one packed row (1, width, ...)
+  and its segment ids."""
+  row = np.concatenate([arrays[i, :n] for i, n in enumerate(lengths)])
+  pad = np.zeros((width - len(row),) + row.shape[1:], row.dtype)
+  seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)]
+                       + [np.zeros(width - sum(lengths), int)])
+  return np.concatenate([row, pad])[None], seg[None].astype(np.int32)
+
+
+@pytest.mark.parametrize("kind", ["relation", "relation_heads", "attention", "hidden"])
+def test_packed_losses_equal_the_unpacked_mean(kind):
+  """Three examples packed into one row (with padding after them) give, per row, the mean of
+  their unpacked losses; with the row weighted by its segment count the loop's mean is theirs."""
+  from minilm_jax import packing
+  rng = np.random.default_rng(5)
+  lengths, t, width = (5, 2, 6), 6, 16
+  mask = _mask(lengths, t)
+  tx, sx = _rand(rng, 3, t, 4, 8), _rand(rng, 3, t, 2, 8)
+  if kind == "attention":
+    sx = _rand(rng, 3, t, 4, 8)
+  fns = {
+      "relation": lambda a, b, m, **kw: losses.relation_kl(a, b, m, num_relation_heads=None,
+                                                           **kw),
+      "relation_heads": lambda a, b, m, **kw: losses.relation_kl(a, b, m, num_relation_heads=4,
+                                                                 **kw),
+      "attention": lambda a, b, m, **kw: losses.attention_kl(
+          jnp.einsum("BTNH,BSNH->BNTS", a, a), jnp.einsum("BTNH,BSNH->BNTS", b, b), m, **kw),
+      "hidden": lambda a, b, m, **kw: losses.hidden_mse(a.reshape(*a.shape[:2], -1),
+                                                        b.reshape(*b.shape[:2], -1), m, **kw),
+  }
+  if kind in ("relation", "hidden"):
+    sx = _rand(rng, 3, t, 4, 8)
+  fn = fns[kind]
+  unpacked = np.asarray(fn(tx, sx, mask))
+  ptx, seg = _pack(tx, lengths, width)
+  psx, _ = _pack(sx, lengths, width)
+  packed = np.asarray(fn(ptx, psx, seg > 0, segment_ids=seg))
+  np.testing.assert_allclose(packed[0], unpacked.mean(), rtol=1e-5)
+  assert float(packing.num_segments(seg)[0]) == 3
