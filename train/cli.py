@@ -40,7 +40,11 @@ def _coerce(value: Any, tp, where: str):
     return value
   if origin in (tuple, list):
     if isinstance(value, str):
-      value = [v for v in value.split(",") if v != ""]
+      # "16,32", "[16, 32]" and "[f1]" alike: brackets optional, items comma-separated.
+      text = value.strip()
+      if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+      value = [v.strip() for v in text.split(",") if v.strip() != ""]
     inner = args[0] if args else str
     return origin(_coerce(v, inner, where) for v in value)
   if tp is bool:
@@ -51,12 +55,15 @@ def _coerce(value: Any, tp, where: str):
         return False
       raise ValueError(f"{where}: {value!r} is not a boolean")
     return bool(value)
-  if tp is int:
-    if isinstance(value, float) and not value.is_integer():
-      raise ValueError(f"{where}: {value!r} is not an integer")
-    return int(float(value)) if isinstance(value, str) else int(value)
-  if tp is float:
-    return float(value)
+  if tp in (int, float):
+    try:
+      number = float(value) if isinstance(value, str) else value
+      ok = not isinstance(value, bool) and (tp is float or float(number).is_integer())
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:  # 8.5 for an int used to become 8
+      raise ValueError(f"{where}: {value!r} is not {'an integer' if tp is int else 'a number'}")
+    return tp(number)
   if tp is str:
     return str(value)
   if dataclasses.is_dataclass(tp):
@@ -95,7 +102,7 @@ def merge(cfg, overrides: dict[str, Any], where: str = ""):
   changes = {}
   for head, value in nested.items():
     if head not in fields:
-      raise KeyError(f"unknown config key {where}{head!r}; known: {sorted(fields)}")
+      raise KeyError(f"unknown config key '{where}{head}'; known: {sorted(fields)}")
     current = getattr(cfg, head)
     if dataclasses.is_dataclass(current) and isinstance(value, dict):
       changes[head] = merge(current, value, f"{where}{head}.")
@@ -203,7 +210,11 @@ def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
   setup_logging()
   log = logging.getLogger(default)
   sharding.initialize_distributed()  # no-op unless launched as one of several processes
-  cfg, path = load(cls, args.config, overrides, default=default)
+  try:
+    cfg, path = load(cls, args.config, overrides, default=default)
+  except (KeyError, ValueError, FileNotFoundError) as e:  # a config error: one line, no traceback
+    log.error("%s", e.args[0] if isinstance(e, KeyError) and e.args else e)
+    return 2
   log.info("config %s", path)
   try:
     summary = run(cfg)
