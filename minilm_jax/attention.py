@@ -50,20 +50,29 @@ def attend(q: Array, k: Array, v: Array, bias: Array, cfg: ModelConfig, dropout_
   """Scaled dot-product attention on (B,T,N,H) q and (B,S,N,H) k, v with an additive bias
   broadcastable to (B,N,T,S) -> (context (B,T,N,H) in the compute dtype, float32 logits).
 
-  Training with attention dropout runs the dense core. Otherwise the context comes from
-  `_blocked_attention`, which loops over blocks of about `cfg.attention_query_block` queries and
-  differentiates as the dense core. The logits come from their own matmul, which XLA drops when
+  Training with attention dropout runs the dense core, and so does every forward off CPU unless
+  `cfg.attention_query_block` says otherwise (`query_block`). Otherwise the context comes from
+  `_blocked_attention`, which loops over blocks of about that many queries and differentiates
+  as the dense core. The logits come from their own matmul, which XLA drops when
   the caller ignores them. The cores work on heads-major (B,N,T,H) operands: XLA:CPU runs the
   batched matmuls without relayouts around them."""
   dtype = cfg.compute_dtype
   q, k, v = _bnth(q), _bnth(k), _bnth(v)
   logits = _logits(q, k, bias, dtype)
-  block = cfg.attention_query_block
+  block = query_block(cfg)
   if (dropout_rng is not None and cfg.attention_dropout > 0) or not block:
     ctx = _weigh(logits, v, dtype, cfg.attention_dropout, dropout_rng)
   else:
     ctx = _blocked_attention(q, k, v, bias, dtype, block)
   return _bnth(ctx.astype(dtype)), logits
+
+
+def query_block(cfg: ModelConfig) -> int:
+  """The query block size `attend` uses: the config's, or by default 128 on CPU and 0 (the dense
+  core) on other backends."""
+  if cfg.attention_query_block is not None:
+    return cfg.attention_query_block
+  return 128 if jax.default_backend() == "cpu" else 0
 
 
 def _bnth(a: Array) -> Array:

@@ -292,3 +292,32 @@ def test_fully_padded_row_gives_no_nan(tiny_cfg, path, dtype):
   else:
     hidden, _ = enc(ids, mask)
   assert bool(jnp.isfinite(hidden.astype(jnp.float32)).all()), path
+
+
+# --- CPU-only tricks ---------------------------------------------------------------------------
+
+def _loops(fn, *args) -> int:
+  # A fresh function per trace: make_jaxpr caches traces by function, and the backend is read
+  # while tracing.
+  jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+  return jaxpr.count("scan[") + jaxpr.count("while[")
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_no_cpu_loops_on_accelerators_by_default(tiny_cfg, batch, monkeypatch, backend):
+  """Query blocks and inference chunks (lax.map loops tuned for XLA:CPU) run only on CPU by
+  default: traced as for a GPU/TPU, the inference forward and the train step's forward have no
+  loop; on CPU both loops are there, and an explicit attention_query_block is kept anywhere."""
+  cfg = tiny_cfg.replace(inference_chunk_tokens=None, attention_query_block=None)
+  enc = Encoder(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(enc)
+  big = {k: jnp.tile(v, (80, 4)) for k, v in batch.items()}  # 240 x 40 tokens: > 2048
+  fwd = lambda s, b: nnx.merge(graphdef, s)(**b)[0]
+  train = lambda s, b: nnx.merge(graphdef, s)(**b, dropout_rng=jax.random.PRNGKey(0))[0]
+  assert _loops(fwd, state, big) >= 2  # CPU: chunks and query blocks
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert _loops(fwd, state, big) == 0
+  assert _loops(train, state, big) == 0
+  pinned = Encoder(cfg.replace(attention_query_block=4), rngs=nnx.Rngs(0))
+  g2, s2 = nnx.split(pinned)
+  assert _loops(lambda s, b: nnx.merge(g2, s)(**b)[0], s2, big) >= 1
