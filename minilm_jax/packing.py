@@ -26,8 +26,12 @@ def segment_positions(segment_ids: Array) -> Array:
   token), so that a packed example gets the position ids it has alone."""
   seg = jnp.asarray(segment_ids)
   idx = jnp.broadcast_to(jnp.arange(seg.shape[1], dtype=jnp.int32), seg.shape)
-  starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+  return idx - jax.lax.cummax(jnp.where(_starts(seg), idx, 0), axis=1)
+
+
+def _starts(seg: Array) -> Array:
+  """(B, T) bool: the token opens a run of equal segment ids (padding runs included)."""
+  return jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
 
 
 def segment_lengths(segment_ids: Array) -> Array:
@@ -39,6 +43,4 @@ def segment_lengths(segment_ids: Array) -> Array:
 def num_segments(segment_ids: Array) -> Array:
   """(B, T) -> (B,) float32: how many examples each row holds."""
   seg = jnp.asarray(segment_ids)
-  starts = (seg > 0) & jnp.concatenate([jnp.ones_like(seg[:, :1], bool),
-                                        seg[:, 1:] != seg[:, :-1]], axis=1)
-  return starts.sum(-1).astype(jnp.float32)
+  return ((seg > 0) & _starts(seg)).sum(-1).astype(jnp.float32)

@@ -57,11 +57,14 @@ def logical_to_spec(axes, shape, rules, mesh: Mesh) -> P:
   spec = []
   for dim, name in zip(shape, axes or (None,) * len(shape)):
     mesh_axis = table.get(name) if name else None
-    size = 1
-    for a in (mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,)):
-      size *= mesh.shape[a] if a else 1
-    spec.append(mesh_axis if mesh_axis and dim % size == 0 else None)
+    spec.append(mesh_axis if mesh_axis and dim % _axis_size(mesh, mesh_axis) == 0 else None)
   return P(*spec)
+
+
+def _axis_size(mesh: Mesh, mesh_axis) -> int:
+  """Devices along a mesh axis, a tuple of axes, or None (1)."""
+  axes = mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,)
+  return int(np.prod([mesh.shape[a] for a in axes if a]))
 
 
 def param_shardings(state: nnx.State, mesh: Mesh, rules=RULES_DP):
@@ -99,11 +102,9 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return x
   mesh, rules = active
   table = dict(rules)
-  for dim, name in zip(x.shape, axes):
-    mesh_axes = table.get(name) if name else None
-    mesh_axes = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
-    if dim % int(np.prod([mesh.shape[a] for a in mesh_axes if a])):
-      return x
+  if any(dim % _axis_size(mesh, table.get(name) if name else None)
+         for dim, name in zip(x.shape, axes)):
+    return x
   return jax.lax.with_sharding_constraint(
       x, NamedSharding(mesh, logical_to_spec(axes, x.shape, rules, mesh)))
 
