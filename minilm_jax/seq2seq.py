@@ -149,7 +149,7 @@ def encode_targets(tok, targets: Sequence[str], max_len: int) -> tuple[np.ndarra
 
 def encode_pairs(tok, pairs: Sequence[tuple[Any, str]], cfg: Seq2SeqConfig
                  ) -> dict[str, np.ndarray]:
-  """The fixed-shape arrays the objective reads (ArrayBatcher input)."""
+  """The fixed-shape arrays the objective reads (ArrayBatches input)."""
   src, ns = encode_sources(tok, [p[0] for p in pairs], cfg.max_source_len)
   tgt, nt = encode_targets(tok, [p[1] for p in pairs], cfg.max_target_len)
   return {"source_ids": src, "num_source": ns, "target_ids": tgt, "num_target": nt}

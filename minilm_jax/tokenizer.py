@@ -69,6 +69,11 @@ class Tokenizer:
   def __repr__(self):
     return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
+  @property
+  def backend(self) -> hf.Tokenizer:
+    """The `tokenizers` pipeline (vocabulary, normaliser, specials) behind this tokenizer."""
+    return self._backend
+
   def tokenize(self, text: str) -> list[str]:
     return self._backend.encode(_check_str(text), add_special_tokens=False).tokens
 

@@ -29,7 +29,7 @@ import optax
 
 from minilm_jax import model as model_lib
 from minilm_jax import sharding
-from minilm_jax.checkpoint import Checkpoints, batcher_spec
+from minilm_jax.checkpoint import Checkpoints, data_spec
 from minilm_jax.metric_log import MetricLogger
 from minilm_jax.optim import OptimConfig, make_optimizer
 
@@ -283,9 +283,9 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
           optim: OptimConfig, *, eval_batches=None,
           on_eval: Callable[[nnx.Module, dict, bool], None] | None = None,
           mesh=None, logger=None) -> Result:
-  """Runs the loop. `train_batches` is a `data.Batcher`: `batches_per_epoch`, `state()`,
-  `restore(state)`, iteration advancing the state. `on_eval(model, metrics, is_best)` lets the
-  caller export the best model."""
+  """Runs the loop. `train_batches` is one of `data.pipeline`'s Grain pipelines:
+  `batches_per_epoch`, `spec()`, `state()`, `restore(state)`, iteration advancing the state.
+  `on_eval(model, metrics, is_best)` lets the caller export the best model."""
   mesh = mesh or sharding.make_mesh(loop.mesh_data, loop.mesh_fsdp)
   rules = sharding.RULES_FSDP if loop.fsdp else sharding.RULES_DP
   # The SIGTERM handler goes in first: a notice during set-up, restore or the first
@@ -322,13 +322,13 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
                     out_shardings=(state_sh, rep), donate_argnums=0)
   eval_fn = (jax.jit(make_eval_step(graphdef, objective)) if objective.eval_fn else None)
   ckpt = Checkpoints(out_dir / "checkpoints", loop.keep_checkpoints)
-  data_spec = batcher_spec(train_batches)
+  spec = data_spec(train_batches)
   start = 0
   if loop.resume:
     # Before anything is written to out_dir: a mismatched config raises here and leaves the
     # run directory as it was.
     restored = ckpt.restore_latest(jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), data_spec)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state), spec)
     if restored is None:
       log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt.directory)
     else:
@@ -399,7 +399,7 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
     if eval_fn is not None and eval_batches is not None and (step % eval_every == 0 or last):
       evaluate(step)
     if step % save_every == 0 or last or stop:
-      ckpt.save(step, state, train_batches.state(), wait=stop, spec=data_spec)
+      ckpt.save(step, state, train_batches.state(), wait=stop, spec=spec)
     if stop and not last:
       log.warning("SIGTERM: saved step %d, exiting", step)
       preempted = True

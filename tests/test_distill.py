@@ -406,15 +406,17 @@ def test_resume_after_kill_continues_from_saved_step_with_same_batches(assets, t
 
 
 @pytest.mark.parametrize("name", ["wikipedia/20230601.en", "c4/en"])
-def test_tfds_corpus_with_mock_data(name):
+def test_tfds_corpus_with_mock_data(name, assets, tmp_path):
+  """A tfds corpus is prepared split by split (index ranges) into windows of max_length, and
+  the held-out records come first and are not trained on."""
   tfds = pytest.importorskip("tensorflow_datasets")
-  spec = distill_main.CorpusSpec(source="tfds", tfds_name=name, held_out=3,
-                                 max_train_examples=5)
+  spec = distill_main.CorpusSpec(source="tfds", tfds_name=name, held_out=3)
   with tfds.testing.mock_data(num_examples=10):
-    train, held = distill_main.load_corpus(spec)
-  assert len(held) == 3 and len(train) == 5
-  assert all(isinstance(e["text"], str) and e["text"].strip() and "\n" not in e["text"]
-             for e in train + held)
+    train, train_keys, ev, eval_keys = distill_main.load_corpus(
+        spec, tmp_path, Path(assets["teacher"]), 16)
+  assert ev is train and eval_keys == (0, 3) and train_keys == (3, train.num_examples)
+  assert train.num_examples >= 10 and train.manifest["source"].startswith(f"tfds {name}")
+  assert max(np.flatnonzero(train.manifest["length_histogram"])) <= 16
 
 
 def test_configs_parse():

@@ -286,11 +286,10 @@ def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path):
   n, T = 16, 6
   labels = np.linspace(-1, 1, n).astype(np.float32)
   labels[13] = np.nan
-  feats = data.Features(tokens=np.tile(np.arange(5, 5 + T, dtype=np.int32), n),
-                        token_types=np.zeros(n * T, np.int32),
-                        offsets=np.arange(0, n * T + 1, T, dtype=np.int64), labels=labels,
-                        pad_id=0)
-  batches = data.Batcher(feats, batch_size=4, buckets=(8,), shuffle=False)
+  feats = {"input_ids": np.tile(np.arange(5, 5 + T, dtype=np.int32), (n, 1)),
+           "attention_mask": np.ones((n, T), np.int32),
+           "token_type_ids": np.zeros((n, T), np.int32), "labels": labels}
+  batches = data.ArrayBatches(feats, batch_size=4, shuffle=False)
   model = pretrained.build(TINY, "classification", 1)
   loop = trainer.LoopConfig(output_dir=str(tmp_path / "run"), max_steps=8, save_every=1,
                             log_every=1, progress=False, nan_policy="stop")
@@ -308,7 +307,7 @@ def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path):
   loop = loop.__class__(**{**loop.__dict__, "nan_policy": "skip",
                            "output_dir": str(tmp_path / "skip")})
   res = trainer.train(pretrained.build(TINY, "classification", 1), finetune.regression(),
-                      data.Batcher(feats, batch_size=4, buckets=(8,), shuffle=False), loop,
+                      data.ArrayBatches(feats, batch_size=4, shuffle=False), loop,
                       OptimConfig())
   assert int(res.state["nonfinite"]) == 2  # batch 4 of epochs 1 and 2
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(res.state["params"]))

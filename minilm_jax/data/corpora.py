@@ -164,7 +164,7 @@ def _tfds_rows(name: str, split: str, data_dir) -> Iterator[dict[str, Any]]:
     pass
   # download=False: preparing a dataset is a separate, explicit step (`tfds build`); a training
   # run must never start a multi-gigabyte download. shuffle_files=False keeps the file order, so
-  # example ids and the Batcher's seeded order are reproducible.
+  # example ids and the pipeline's seeded order are reproducible.
   ds = tfds.load(name, split=split, data_dir=data_dir, download=False, shuffle_files=False)
   return iter(tfds.as_numpy(ds))
 

@@ -1,0 +1,117 @@
+"""The streaming data path's rates: Beam preparation, packed reading, padding.
+
+  python -m bench.input_pipeline                  # real text (bench/corpus_text.py), 512 tokens
+  python -m bench.input_pipeline --batches 400 --seq-len 512 --batch-size 32
+
+Prints, in one invocation:
+  - preparation: Beam (DirectRunner, one process a core) tokens/s against a plain
+    single-process `tokenizers` loop over the same lines (the peer: what a script would do);
+  - reading: packed rows of `seq_len` from the ArrayRecord shards through `PackedBatches`
+    (shuffle, batched reads, first-fit packing, batching, prefetch), in tokens/s for one host
+    process pinned to one core;
+  - padding: the fraction of token slots that hold padding, packed against length buckets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import common, corpus_text
+from minilm_jax import data, pretrained, tokenizer
+
+
+def tokenizers_loop(tok, path: Path, max_length: int, chunk: int = 1024) -> tuple[int, float]:
+  """(tokens, seconds): the peer, one process reading lines and encoding them in batches."""
+  t0, tokens, buf = time.perf_counter(), 0, []
+  with path.open() as f:
+    for line in f:
+      if line.strip():
+        buf.append(line.strip())
+      if len(buf) == chunk:
+        tokens += sum(map(len, tok(buf, max_length=max_length, padding="do_not_pad")["input_ids"]))
+        buf = []
+  if buf:
+    tokens += sum(map(len, tok(buf, max_length=max_length, padding="do_not_pad")["input_ids"]))
+  return tokens, time.perf_counter() - t0
+
+
+def read_rate(batches, n: int) -> tuple[float, float]:
+  """(tokens/s, padding fraction) over n batches after a warm-up of 5."""
+  it = iter(batches)
+  for _ in range(5):
+    next(it)
+  t0, slots, real = time.perf_counter(), 0, 0
+  for _ in range(n):
+    b = next(it)
+    slots += b["input_ids"].size
+    real += int((b["attention_mask"] > 0).sum())
+  return slots / (time.perf_counter() - t0), 1 - real / slots
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--out", default="runs/bench/input_pipeline")
+  p.add_argument("--text", default="", help="a text file, one example per line (default: real "
+                 "package text, bench/corpus_text.py)")
+  p.add_argument("--seq-len", type=int, default=512)
+  p.add_argument("--max-length", type=int, default=128, help="per example, as distillation")
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--batches", type=int, default=300)
+  p.add_argument("--workers", type=int, default=os.cpu_count())
+  args = p.parse_args(argv)
+  out = Path(args.out)
+  print(common.describe_env())
+  print(f"command: {common.command_line()}")
+  model_dir = pretrained.packaged_checkpoint("all-minilm-l6-v2")
+  tok = tokenizer.load(model_dir)
+  text = Path(args.text) if args.text else corpus_text.base_text(out / "text.txt")
+  size = text.stat().st_size
+  print(f"corpus {text}: {size / 1e6:.1f} MB")
+
+  peer_tokens, peer_s = tokenizers_loop(tok, text, args.max_length)
+  t0 = time.perf_counter()
+  corpus = data.prepare_corpus(data.Source("text", paths=(str(text),)), out / "prepared",
+                               tokenizer_path=model_dir, max_length=args.max_length,
+                               overwrite=True, split_bytes=max(1 << 20, size // (4 * args.workers)),
+                               beam_args=data.default_beam_args(args.workers))
+  beam_s = time.perf_counter() - t0
+  m = corpus.manifest
+  assert m["tokens"] == peer_tokens, (m["tokens"], peer_tokens)
+  print(f"\npreparation, {m['examples']} examples, {m['tokens']} tokens, {len(m['shards'])} "
+        f"shards:")
+  print(f"  Beam DirectRunner x{args.workers} processes: {beam_s:7.1f} s  "
+        f"{m['tokens'] / beam_s:12,.0f} tokens/s")
+  print(f"  plain tokenizers loop, 1 process:  {peer_s:7.1f} s  "
+        f"{peer_tokens / peer_s:12,.0f} tokens/s")
+  print(f"  ratio (Beam / loop): {peer_s / beam_s:.2f}x")
+
+  os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core from here on
+  packed = data.PackedBatches(corpus, batch_size=args.batch_size, seq_len=args.seq_len, seed=0,
+                              pad_id=tok.pad_id, read_threads=1)
+  rate, pad_packed = read_rate(packed, args.batches)
+  print(f"\nreading, one process on one core, packed rows of {args.seq_len}, batch "
+        f"{args.batch_size}: {rate:12,.0f} tokens/s ({rate / args.seq_len:,.0f} rows/s)")
+  buckets = tuple(b for b in (32, 64, 128, 256, 512) if b <= args.max_length)
+  bucketed = data.BucketedBatches(corpus, batch_size=args.batch_size, buckets=buckets, seed=0,
+                                  pad_id=tok.pad_id)
+  brate, pad_bucketed = read_rate(bucketed, args.batches)
+  print(f"reading, length buckets {buckets}: {brate:12,.0f} token slots/s")
+  print(f"\npadding: packed {100 * pad_packed:.2f}% of token slots, bucketed "
+        f"{100 * pad_bucketed:.2f}%, padded to max_length {args.max_length}: "
+        f"{100 * (1 - m['tokens'] / (m['examples'] * args.max_length)):.2f}%")
+  lengths = np.asarray(corpus.lengths())
+  print(f"example lengths: mean {lengths.mean():.1f}, median {np.median(lengths):.0f}, "
+        f"max {lengths.max()} tokens")
+  packed.close()
+  bucketed.close()
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

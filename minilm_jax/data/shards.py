@@ -1,0 +1,202 @@
+"""A prepared corpus on disk: ArrayRecord shards of token ids, a lengths file per shard and a
+manifest written last.
+
+  <dir>/manifest.json                    what the shards hold (written last, atomically)
+  <dir>/shard-00000-of-00004.array_record  one record per example (`encode_record`)
+  <dir>/shard-00000-of-00004.lengths.npy   uint16 token counts, record order (buckets, packing)
+  <dir>/prepare.failed.json              instead of a manifest, when preparation failed
+
+`open_prepared` is the only way in: it checks the manifest, the tokenizer fingerprint and every
+shard's size before a single record is read, so a corpus from another tokenizer, a truncated
+shard or a half-written preparation fails at start-up with the file named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "minilm_jax.prepared/1"
+MANIFEST = "manifest.json"
+FAILED = "prepare.failed.json"
+_HEADER = 16  # int32 length, int32 first type-1 token, float64 label
+
+
+def encode_record(input_ids, token_type_ids, label: float) -> bytes:
+  """One example: (n, type split, label, ids). Token types are 0 up to `split`, then 1, which
+  is what every tokenizer template here produces (BERT pairs: [CLS] A [SEP] | B [SEP])."""
+  ids = np.asarray(input_ids, np.int32)
+  types = np.asarray(token_type_ids, np.int32)
+  ones = np.flatnonzero(types)
+  split = int(ones[0]) if len(ones) else len(ids)
+  if len(ones) and (len(ones) != len(ids) - split or np.any(types[split:] != 1)):
+    raise ValueError(f"token types {types.tolist()} are not 0...0 1...1")
+  head = np.array([len(ids), split], np.int32).tobytes() + np.float64(label).tobytes()
+  return head + ids.tobytes()
+
+
+def decode_record(record: bytes) -> tuple[np.ndarray, np.ndarray, float]:
+  """(input_ids, token_type_ids, label) of `encode_record`'s bytes."""
+  n, split = np.frombuffer(record, np.int32, 2)
+  if len(record) != _HEADER + 4 * int(n):
+    raise ValueError(f"record of {len(record)} bytes, its header says {_HEADER + 4 * int(n)}")
+  ids = np.frombuffer(record, np.int32, int(n), _HEADER)
+  types = (np.arange(n, dtype=np.int32) >= split).astype(np.int32)
+  return ids, types, float(np.frombuffer(record, np.float64, 1, 8)[0])
+
+
+def fingerprint(tok, max_length: int) -> dict:
+  """What the token ids depend on: the tokenizer kind and its whole serialised pipeline
+  (vocabulary, normaliser, pre-tokeniser), hashed, and the truncation length."""
+  backend = tok.backend.to_str().encode()
+  return {"kind": tok.kind, "vocab_size": int(tok.vocab_size),
+          "vocab_sha256": hashlib.sha256(backend).hexdigest()[:16], "max_length": int(max_length)}
+
+
+def _describe(fp: dict) -> str:
+  return (f"{fp.get('kind')} tokenizer, vocab {fp.get('vocab_size')} "
+          f"#{fp.get('vocab_sha256')}, max_length {fp.get('max_length')}")
+
+
+def shard_name(i: int, n: int) -> str:
+  return f"shard-{i:05d}-of-{n:05d}.array_record"
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  tmp.write_text(json.dumps(obj, indent=1))
+  os.replace(tmp, path)
+
+
+class PreparedError(ValueError):
+  """A prepared corpus that cannot be read as it is; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """An opened, checked corpus: record i of the concatenated shards is example i."""
+
+  path: Path
+  manifest: dict
+
+  @property
+  def shards(self) -> list[Path]:
+    return [self.path / s["file"] for s in self.manifest["shards"]]
+
+  @property
+  def label_names(self) -> list[str] | None:
+    return self.manifest.get("label_names")
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.manifest["examples"])
+
+  def lengths(self) -> np.ndarray:
+    """(N,) token counts in record order, memory-mapped (2 bytes an example)."""
+    parts = [np.load(self.path / s["lengths"], mmap_mode="r") for s in self.manifest["shards"]]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+  def source(self):
+    """The shards as one Grain random-access source of raw records."""
+    from grain.sources import ArrayRecordDataSource
+    return _CheckedSource(ArrayRecordDataSource([str(p) for p in self.shards]), self)
+
+  def spec(self) -> dict:
+    """What the checkpointed data position depends on: which records, in which order."""
+    return {"corpus": self.manifest["fingerprint"], "examples": self.num_examples,
+            "corpus_id": self.manifest["id"]}
+
+
+class _CheckedSource:
+  """ArrayRecordDataSource that names the shard when a record cannot be read or decoded
+  (riegeli checks each chunk's hash, so flipped bytes fail here instead of training on them)."""
+
+  def __init__(self, source, prepared: Prepared):
+    self._source, self._prepared = source, prepared
+    self._ends = np.cumsum([s["examples"] for s in prepared.manifest["shards"]])
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def _shard_of(self, key: int) -> Path:
+    return self._prepared.shards[int(np.searchsorted(self._ends, key, side="right"))]
+
+  def __getitem__(self, key):
+    return self.__getitems__([key])[0]
+
+  def __getitems__(self, keys):
+    try:
+      records = self._source.__getitems__(list(keys))
+    except Exception as e:  # noqa: BLE001 - riegeli raises plain RuntimeError/ValueError
+      bad = next((k for k in keys if not self._readable(k)), keys[0])
+      raise PreparedError(f"{self._shard_of(bad)}: corrupt shard, record {int(bad)} cannot be "
+                          f"read ({str(e).splitlines()[0][:200]}); prepare the corpus again"
+                          ) from None
+    for k, r in zip(keys, records, strict=True):
+      if len(r) < _HEADER or len(r) != _HEADER + 4 * int(np.frombuffer(r, np.int32, 1)[0]):
+        raise PreparedError(f"{self._shard_of(k)}: corrupt record {int(k)} ({len(r)} bytes); "
+                            "prepare the corpus again")
+    return records
+
+  def _readable(self, key) -> bool:
+    try:
+      self._source[int(key)]
+      return True
+    except Exception:  # noqa: BLE001
+      return False
+
+
+def open_prepared(path: str | Path, *, tokenizer=None, max_length: int | None = None,
+                  label_names=None) -> Prepared:
+  """Opens a prepared corpus and checks it before anything is read.
+
+  With `tokenizer` (and `max_length`), the corpus must have been prepared with the same
+  tokenizer and length: a mismatch names both fingerprints. `label_names` must equal the
+  prepared label set when both exist.
+  """
+  path = Path(path)
+  manifest_path = path / MANIFEST
+  if (path / FAILED).is_file() and not manifest_path.is_file():
+    failed = json.loads((path / FAILED).read_text())
+    raise PreparedError(f"{path / FAILED}: the preparation of {path} failed "
+                        f"({failed.get('error', '?')}); fix the source and run train.prepare "
+                        "again")
+  if not manifest_path.is_file():
+    raise PreparedError(f"{manifest_path}: no manifest, so {path} is not a completed "
+                        "preparation (still running, crashed, or never prepared); run "
+                        "python -m train.prepare")
+  try:
+    manifest = json.loads(manifest_path.read_text())
+  except json.JSONDecodeError as e:
+    raise PreparedError(f"{manifest_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+  if manifest.get("format") != FORMAT or manifest.get("status") != "complete":
+    raise PreparedError(f"{manifest_path}: format {manifest.get('format')!r}, status "
+                        f"{manifest.get('status')!r}; expected {FORMAT!r}, 'complete'. Prepare "
+                        "the corpus again with this version")
+  for s in manifest["shards"]:
+    for key in ("file", "lengths"):
+      f = path / s[key]
+      if not f.is_file():
+        raise PreparedError(f"{f}: missing shard file listed in {manifest_path}")
+    size = (path / s["file"]).stat().st_size
+    if size != s["bytes"]:
+      raise PreparedError(f"{path / s['file']}: truncated or rewritten shard ({size} bytes, "
+                          f"the manifest says {s['bytes']}); prepare the corpus again")
+  if tokenizer is not None:
+    want = fingerprint(tokenizer, max_length if max_length is not None
+                       else manifest["fingerprint"]["max_length"])
+    have = manifest["fingerprint"]
+    if have != want:
+      raise PreparedError(f"{manifest_path}: prepared with {_describe(have)}, but this run "
+                          f"uses {_describe(want)}; prepare the corpus with this model's "
+                          "tokenizer and max_length")
+  if label_names is not None and manifest.get("label_names") is not None and \
+      list(label_names) != list(manifest["label_names"]):
+    raise PreparedError(f"{manifest_path}: label set {manifest['label_names']}, this run "
+                        f"expects {list(label_names)}")
+  return Prepared(path, manifest)
