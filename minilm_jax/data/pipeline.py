@@ -222,7 +222,7 @@ class _PlanIterator(grain.DatasetIterator):
         continue
       key = int(p.keys[self._epoch * p.n + self._pos])
       self._pos += 1
-      w = self._wait[int(p.bucket[key])]
+      w = self._wait[int(p.bucket[key - p.start])]
       w.append(key)
       if len(w) == p.batch_size:
         rows = list(w)
@@ -254,9 +254,9 @@ class _PlanIterator(grain.DatasetIterator):
 
 
 class _BucketPlan(grain.IterDataset):
-  def __init__(self, n, bucket, keys, buckets, batch_size, drop_remainder):
+  def __init__(self, n, start, bucket, keys, buckets, batch_size, drop_remainder):
     super().__init__()
-    self.n, self.bucket, self.keys, self.buckets = n, bucket, keys, buckets
+    self.n, self.start, self.bucket, self.keys, self.buckets = n, start, bucket, keys, buckets
     self.batch_size, self.drop_remainder = batch_size, drop_remainder
 
   def __iter__(self):
@@ -293,10 +293,9 @@ class BucketedBatches(_Batches):
       raise ValueError(f"{prepared.path}: keys [{start}, {stop}) outside its "
                        f"{prepared.num_examples} examples")
     self.start, self.n = start, stop - start
-    self._bucket = np.full(prepared.num_examples, -1, np.int8)
-    self._bucket[start:stop] = _bucket_of(np.asarray(prepared.lengths()[start:stop]), buckets,
-                                          prepared.path)
-    self._counts = np.bincount(self._bucket[start:stop], minlength=len(buckets))
+    # Bucket of each key in [start, stop), by key - start.
+    self._bucket = _bucket_of(prepared.lengths(start, stop), buckets, prepared.path)
+    self._counts = np.bincount(self._bucket, minlength=len(buckets))
     full = int((self._counts // batch_size).sum())
     self.batches_per_epoch = full if drop_remainder else -(-self.n // batch_size)
     self._source = prepared.source()
@@ -316,14 +315,14 @@ class BucketedBatches(_Batches):
   def _dataset(self) -> grain.IterDataset:
     keys = grain.MapDataset.range(self.start, self.start + self.n)
     keys = (keys.shuffle(seed=self.seed) if self.shuffle else keys).repeat()
-    plan = _BucketPlan(self.n, self._bucket, keys, self.buckets, self.batch_size,
+    plan = _BucketPlan(self.n, self.start, self._bucket, keys, self.buckets, self.batch_size,
                        self.drop_remainder)
     return gx.ThreadPrefetchIterDataset(plan.map(self._read), prefetch_buffer_size=2)
 
   def _read(self, plan: dict) -> dict[str, np.ndarray]:
     rows = plan["rows"]
     real_all = rows >= 0
-    length = self.buckets[int(self._bucket[rows[real_all]].max())]
+    length = self.buckets[int(self._bucket[rows[real_all] - self.start].max())]
     lo = self.process_index * self.local_batch_size
     rows = rows[lo:lo + self.local_batch_size]
     b, real = len(rows), rows >= 0
@@ -394,7 +393,9 @@ class ArrayBatches(_Batches):
     keys = keys.shuffle(seed=self.seed) if self.shuffle else keys
     keys = keys.batch(self.batch_size, drop_remainder=self.drop_remainder)
     keys = keys.repeat() if repeat else keys
-    return keys.map(self._read).to_iter_dataset()
+    # Grain's default read-ahead (16 threads, 500 elements) would build 500 batches up front.
+    return keys.map(self._read).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
 
   def _read(self, rows) -> dict[str, np.ndarray]:
     rows = np.concatenate([rows, np.full(self.batch_size - len(rows), -1)]).astype(np.int64)

@@ -96,10 +96,18 @@ class Prepared:
   def num_examples(self) -> int:
     return int(self.manifest["examples"])
 
-  def lengths(self) -> np.ndarray:
-    """(N,) token counts in record order, memory-mapped (2 bytes an example)."""
-    parts = [np.load(self.path / s["lengths"], mmap_mode="r") for s in self.manifest["shards"]]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+  def lengths(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Token counts of records [start, stop) (default all), from the memory-mapped lengths
+    files (2 bytes an example) of only the shards that hold them."""
+    stop = self.num_examples if stop is None else stop
+    parts, lo = [], 0
+    for s in self.manifest["shards"]:
+      hi = lo + s["examples"]
+      if hi > start and lo < stop:
+        part = np.load(self.path / s["lengths"], mmap_mode="r")
+        parts.append(part[max(start - lo, 0):min(stop, hi) - lo])
+      lo = hi
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint16)
 
   def source(self):
     """The shards as one Grain random-access source of raw records."""
