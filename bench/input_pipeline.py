@@ -93,7 +93,7 @@ def main(argv=None) -> int:
 
   os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core from here on
   packed = data.PackedBatches(corpus, batch_size=args.batch_size, seq_len=args.seq_len, seed=0,
-                              pad_id=tok.pad_id, read_threads=1)
+                              pad_id=tok.pad_id)
   rate, pad_packed = read_rate(packed, args.batches)
   print(f"\nreading, one process on one core, packed rows of {args.seq_len}, batch "
         f"{args.batch_size}: {rate:12,.0f} tokens/s ({rate / args.seq_len:,.0f} rows/s)")

@@ -119,7 +119,7 @@ batches = data.PackedBatches(corpus, batch_size=cfg.loop.batch_size, seq_len=cfg
                              process_count=jax.process_count())
 ids = [sorted(set(b["example_index"][b["example_index"] >= 0].tolist()))
        for _, b in zip(range({steps}), batches)]
-own = sorted(k for s in batches.own_shards for k in batches._shard_keys(s))
+own = sorted(int(k) for s in batches.own_shards for k in batches._shard_keys(s))
 print("RESULT" + json.dumps({{"loss": [h["loss"] for h in summary["history"]], "ids": ids,
                               "epoch": own}}))
 """

@@ -17,14 +17,16 @@ import dataclasses
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 
 FORMAT = "minilm_jax.prepared/1"
+_COUNT = struct.Struct("<i")
 MANIFEST = "manifest.json"
 FAILED = "prepare.failed.json"
-_HEADER = 16  # int32 length, int32 first type-1 token, float64 label
+HEADER_BYTES = 16  # int32 length, int32 first type-1 token, float64 label
 
 
 def encode_record(input_ids, token_type_ids, label: float) -> bytes:
@@ -43,9 +45,9 @@ def encode_record(input_ids, token_type_ids, label: float) -> bytes:
 def decode_record(record: bytes) -> tuple[np.ndarray, np.ndarray, float]:
   """(input_ids, token_type_ids, label) of `encode_record`'s bytes."""
   n, split = np.frombuffer(record, np.int32, 2)
-  if len(record) != _HEADER + 4 * int(n):
-    raise ValueError(f"record of {len(record)} bytes, its header says {_HEADER + 4 * int(n)}")
-  ids = np.frombuffer(record, np.int32, int(n), _HEADER)
+  if len(record) != HEADER_BYTES + 4 * int(n):
+    raise ValueError(f"record of {len(record)} bytes, its header says {HEADER_BYTES + 4 * int(n)}")
+  ids = np.frombuffer(record, np.int32, int(n), HEADER_BYTES)
   types = (np.arange(n, dtype=np.int32) >= split).astype(np.int32)
   return ids, types, float(np.frombuffer(record, np.float64, 1, 8)[0])
 
@@ -146,7 +148,7 @@ class _CheckedSource:
                           f"read ({str(e).splitlines()[0][:200]}); prepare the corpus again"
                           ) from None
     for k, r in zip(keys, records, strict=True):
-      if len(r) < _HEADER or len(r) != _HEADER + 4 * int(np.frombuffer(r, np.int32, 1)[0]):
+      if len(r) < HEADER_BYTES or len(r) != HEADER_BYTES + 4 * _COUNT.unpack_from(r)[0]:
         raise PreparedError(f"{self._shard_of(k)}: corrupt record {int(k)} ({len(r)} bytes); "
                             "prepare the corpus again")
     return records
