@@ -59,3 +59,18 @@ def repeated(base: Path, out: Path, size: int) -> Path:
     f.write(rest[:rest.rfind(b"\n") + 1])
   tmp.replace(out)
   return out
+
+
+def documents(base: Path, out: Path, lines_per_doc: int = 16) -> Path:
+  """out: `base`'s lines grouped into documents of `lines_per_doc`, separated by blank lines
+  (the layout of a Wikipedia or book dump for source kind "documents")."""
+  if out.is_file():
+    return out
+  tmp = out.with_suffix(".part")
+  with base.open() as src, tmp.open("w") as f:
+    for i, line in enumerate(src, 1):
+      f.write(line)
+      if i % lines_per_doc == 0:
+        f.write("\n")
+  tmp.replace(out)
+  return out

@@ -41,6 +41,14 @@ def tokenizers_loop(tok, path: Path, max_length: int, chunk: int = 1024) -> tupl
   return tokens, time.perf_counter() - t0
 
 
+def distill_flops_per_token(seq_len: int) -> dict:
+  """Matmul FLOPs a MiniLMv2 step spends per token: BERT-base teacher forward (L12 H768 F3072)
+  + L12-H384 student forward and backward (3x), each `2*P_mm + 4*L*T*D` (bench/README.md)."""
+  fwd = lambda L, D, F: 2 * L * (4 * D * D + 2 * D * F) + 4 * L * seq_len * D
+  teacher, student = fwd(12, 768, 3072), fwd(12, 384, 1536)
+  return {"teacher": teacher, "student": 3 * student, "total": teacher + 3 * student}
+
+
 def read_rate(batches, n: int) -> tuple[float, float]:
   """(tokens/s, padding fraction) over n batches after a warm-up of 5."""
   it = iter(batches)
@@ -59,6 +67,9 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="runs/bench/input_pipeline")
   p.add_argument("--text", default="", help="a text file, one example per line (default: real "
                  "package text, bench/corpus_text.py)")
+  p.add_argument("--kind", choices=["text", "documents"], default="text",
+                 help="text: one example per line; documents: 16 lines a document, cut into "
+                      "max_length windows (a Wikipedia-like layout); the peer loop runs for text")
   p.add_argument("--seq-len", type=int, default=512)
   p.add_argument("--max-length", type=int, default=128, help="per example, as distillation")
   p.add_argument("--batch-size", type=int, default=32)
@@ -71,25 +82,30 @@ def main(argv=None) -> int:
   model_dir = pretrained.packaged_checkpoint("all-minilm-l6-v2")
   tok = tokenizer.load(model_dir)
   text = Path(args.text) if args.text else corpus_text.base_text(out / "text.txt")
+  if args.kind == "documents":
+    text = corpus_text.documents(text, out / "documents.txt")
   size = text.stat().st_size
-  print(f"corpus {text}: {size / 1e6:.1f} MB")
+  print(f"corpus {text} ({args.kind}): {size / 1e6:.1f} MB")
 
-  peer_tokens, peer_s = tokenizers_loop(tok, text, args.max_length)
+  peer_tokens, peer_s = (tokenizers_loop(tok, text, args.max_length) if args.kind == "text"
+                         else (None, float("nan")))
   t0 = time.perf_counter()
-  corpus = data.prepare_corpus(data.Source("text", paths=(str(text),)), out / "prepared",
+  corpus = data.prepare_corpus(data.Source(args.kind, paths=(str(text),)),
+                               out / f"prepared-{args.kind}",
                                tokenizer_path=model_dir, max_length=args.max_length,
                                overwrite=True, split_bytes=max(1 << 20, size // (4 * args.workers)),
                                beam_args=data.default_beam_args(args.workers))
   beam_s = time.perf_counter() - t0
   m = corpus.manifest
-  assert m["tokens"] == peer_tokens, (m["tokens"], peer_tokens)
+  assert peer_tokens is None or m["tokens"] == peer_tokens, (m["tokens"], peer_tokens)
   print(f"\npreparation, {m['examples']} examples, {m['tokens']} tokens, {len(m['shards'])} "
         f"shards:")
   print(f"  Beam DirectRunner x{args.workers} processes: {beam_s:7.1f} s  "
         f"{m['tokens'] / beam_s:12,.0f} tokens/s")
-  print(f"  plain tokenizers loop, 1 process:  {peer_s:7.1f} s  "
-        f"{peer_tokens / peer_s:12,.0f} tokens/s")
-  print(f"  ratio (Beam / loop): {peer_s / beam_s:.2f}x")
+  if peer_tokens is not None:
+    print(f"  plain tokenizers loop, 1 process:  {peer_s:7.1f} s  "
+          f"{peer_tokens / peer_s:12,.0f} tokens/s")
+    print(f"  ratio (Beam / loop): {peer_s / beam_s:.2f}x")
 
   os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core from here on
   packed = data.PackedBatches(corpus, batch_size=args.batch_size, seq_len=args.seq_len, seed=0,
@@ -108,6 +124,16 @@ def main(argv=None) -> int:
   lengths = np.asarray(corpus.lengths())
   print(f"example lengths: mean {lengths.mean():.1f}, median {np.median(lengths):.0f}, "
         f"max {lengths.max()} tokens")
+  f = distill_flops_per_token(args.seq_len)
+  v4_host = 4 * 275e12  # a v4-8 host: 4 chips x 275 TFLOP/s bf16 peak
+  print(f"\nconsumption, MiniLMv2 BERT-base -> L12-H384 at seq {args.seq_len}: "
+        f"{f['total'] / 1e6:.0f} MFLOP/token (teacher {f['teacher'] / 1e6:.0f}, student fwd+bwd "
+        f"{f['student'] / 1e6:.0f})")
+  print(f"  TPU v4-8 host at 100% / 50% MFU: {v4_host / f['total']:,.0f} / "
+        f"{0.5 * v4_host / f['total']:,.0f} tokens/s; this CPU (bench/README.md distill_step, "
+        f"~190 GFLOP/s achieved): {190e9 / f['total']:,.0f} tokens/s")
+  print(f"  one reading core covers {rate / (0.5 * v4_host / f['total']):.2f} of a v4-8 host at "
+        f"50% MFU and {rate / (190e9 / f['total']):,.0f}x this CPU's step")
   packed.close()
   bucketed.close()
   return 0
