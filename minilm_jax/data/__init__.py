@@ -7,8 +7,9 @@ Numpy only, nothing device-side. One module a stage:
   sources.py   `Source`: what can be prepared, cut into splits, read split by split
   prepare.py   a `Source` -> tokenised ArrayRecord shards + manifest, as a Beam pipeline
   shards.py    the on-disk format: records, lengths files, manifest, `open_prepared`'s checks
-  pipeline.py  Grain pipelines: `PackedBatches` (packed rows), `BucketedBatches` (length
-               buckets), `ArrayBatches` (in-memory features); resumable, sharded per process
+  pipeline.py  Grain pipelines: `BucketedBatches` (length buckets), `ArrayBatches` (in-memory
+               features); resumable, sharded per process
+  packed.py    `PackedBatches`: packed rows (distillation), the same interface
 
 Bad user data fails loudly: every error names the file (and the line).
 """
@@ -34,7 +35,8 @@ from minilm_jax.data.files import (
   read_table,
   read_text_lines,
 )
-from minilm_jax.data.pipeline import ArrayBatches, BucketedBatches, PackedBatches
+from minilm_jax.data.packed import PackedBatches
+from minilm_jax.data.pipeline import ArrayBatches, BucketedBatches
 from minilm_jax.data.prepare import default_beam_args, prepare_corpus, prepare_once
 from minilm_jax.data.shards import Prepared, PreparedError, open_prepared
 from minilm_jax.data.sources import Source
