@@ -344,6 +344,15 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
   eval_every = loop.eval_every or per_epoch
   save_every = loop.save_every or eval_every
   batches: Iterator = iter(train_batches)  # advances train_batches.state()
+
+  def fetch():
+    """The next batch on its way to the devices (device_put is asynchronous, so the copy
+    overlaps the step in flight), with the data position after it: what a checkpoint saved
+    after this batch's step must record, whatever has been fetched since."""
+    host_batch = next(batches)
+    position = train_batches.state()
+    return host_batch, sharding.shard_batch(host_batch, mesh), position
+
   preempted = False
 
   def evaluate(step):
@@ -369,10 +378,11 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
   t0, seen, pending = time.perf_counter(), 0, []
   log.info("training steps %d..%d (the first one compiles)", start + 1, total)
   step = start
+  ahead = fetch() if step < total else None
   while step < total:
-    host_batch = next(batches)
-    batch = sharding.shard_batch(host_batch, mesh)
+    host_batch, batch, position = ahead
     state, metrics = step_fn(state, batch, frozen)
+    ahead = fetch() if step + 1 < total else None  # host-to-device prefetch of the next batch
     pending.append(metrics)
     seen += int(host_batch["weights"].shape[0]) * jax.process_count()
     step += 1
@@ -399,7 +409,7 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
     if eval_fn is not None and eval_batches is not None and (step % eval_every == 0 or last):
       evaluate(step)
     if step % save_every == 0 or last or stop:
-      ckpt.save(step, state, train_batches.state(), wait=stop, spec=spec)
+      ckpt.save(step, state, position, wait=stop, spec=spec)
     if stop and not last:
       log.warning("SIGTERM: saved step %d, exiting", step)
       preempted = True
