@@ -2,6 +2,7 @@
 
   python -m bench.input_pipeline                  # real text (bench/corpus_text.py), 512 tokens
   python -m bench.input_pipeline --batches 400 --seq-len 512 --batch-size 32
+  python -m bench.input_pipeline --prepared runs/bench/stream_memory/large.prepared  # reading only
 
 Prints, in one invocation:
   - preparation: Beam (DirectRunner, one process a core) tokens/s against a plain
@@ -62,31 +63,14 @@ def read_rate(batches, n: int) -> tuple[float, float]:
   return slots / (time.perf_counter() - t0), 1 - real / slots
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--out", default="runs/bench/input_pipeline")
-  p.add_argument("--text", default="", help="a text file, one example per line (default: real "
-                 "package text, bench/corpus_text.py)")
-  p.add_argument("--kind", choices=["text", "documents"], default="text",
-                 help="text: one example per line; documents: 16 lines a document, cut into "
-                      "max_length windows (a Wikipedia-like layout); the peer loop runs for text")
-  p.add_argument("--seq-len", type=int, default=512)
-  p.add_argument("--max-length", type=int, default=128, help="per example, as distillation")
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--batches", type=int, default=300)
-  p.add_argument("--workers", type=int, default=os.cpu_count())
-  args = p.parse_args(argv)
+def prepare(args, tok, model_dir) -> data.Prepared:
+  """Prepares the corpus with Beam and prints its rate against the plain tokenizers loop."""
   out = Path(args.out)
-  print(common.describe_env())
-  print(f"command: {common.command_line()}")
-  model_dir = pretrained.packaged_checkpoint("all-minilm-l6-v2")
-  tok = tokenizer.load(model_dir)
   text = Path(args.text) if args.text else corpus_text.base_text(out / "text.txt")
   if args.kind == "documents":
     text = corpus_text.documents(text, out / "documents.txt")
   size = text.stat().st_size
   print(f"corpus {text} ({args.kind}): {size / 1e6:.1f} MB")
-
   peer_tokens, peer_s = (tokenizers_loop(tok, text, args.max_length) if args.kind == "text"
                          else (None, float("nan")))
   t0 = time.perf_counter()
@@ -107,12 +91,42 @@ def main(argv=None) -> int:
           f"{peer_tokens / peer_s:12,.0f} tokens/s")
     print(f"  ratio (Beam / loop): {peer_s / beam_s:.2f}x")
 
+  return corpus
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--out", default="runs/bench/input_pipeline")
+  p.add_argument("--text", default="", help="a text file, one example per line (default: real "
+                 "package text, bench/corpus_text.py)")
+  p.add_argument("--kind", choices=["text", "documents"], default="text",
+                 help="text: one example per line; documents: 16 lines a document, cut into "
+                      "max_length windows (a Wikipedia-like layout); the peer loop runs for text")
+  p.add_argument("--prepared", default="", help="read this prepared corpus (no preparation, no "
+                 "peer): the reading rate must not depend on the corpus's size")
+  p.add_argument("--seq-len", type=int, default=512)
+  p.add_argument("--max-length", type=int, default=128, help="per example, as distillation")
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--batches", type=int, default=300)
+  p.add_argument("--workers", type=int, default=os.cpu_count())
+  args = p.parse_args(argv)
+  print(common.describe_env())
+  print(f"command: {common.command_line()}")
+  model_dir = pretrained.packaged_checkpoint("all-minilm-l6-v2")
+  tok = tokenizer.load(model_dir)
+  if args.prepared:
+    corpus = data.open_prepared(args.prepared, tokenizer=tok)
+    args.max_length = corpus.manifest["fingerprint"]["max_length"]
+  else:
+    corpus = prepare(args, tok, model_dir)
   os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core from here on
   packed = data.PackedBatches(corpus, batch_size=args.batch_size, seq_len=args.seq_len, seed=0,
                               pad_id=tok.pad_id)
   rate, pad_packed = read_rate(packed, args.batches)
-  print(f"\nreading, one process on one core, packed rows of {args.seq_len}, batch "
-        f"{args.batch_size}: {rate:12,.0f} tokens/s ({rate / args.seq_len:,.0f} rows/s)")
+  m = corpus.manifest
+  print(f"\nreading {corpus.path} ({m['examples']:,} examples, {len(m['shards'])} shards), one "
+        f"process on one core, packed rows of {args.seq_len}, batch {args.batch_size}: "
+        f"{rate:12,.0f} tokens/s ({rate / args.seq_len:,.0f} rows/s)")
   buckets = tuple(b for b in (32, 64, 128, 256, 512) if b <= args.max_length)
   bucketed = data.BucketedBatches(corpus, batch_size=args.batch_size, buckets=buckets, seed=0,
                                   pad_id=tok.pad_id)

@@ -6,6 +6,7 @@ Beam runs in-process here (one split a corpus unless a test asks for more).
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -58,6 +59,11 @@ def test_records_are_the_tokenizers_ids(corpus, tok, tmp_path):
     assert np.isnan(label)
   assert np.asarray(corpus.lengths()).tolist() == [len(r) for r in ref["input_ids"]]
   assert m["fingerprint"] == shards.fingerprint(tok, 64)
+  keys = np.random.default_rng(0).permutation(103)  # a batched read in any order, and after
+  assert src.__getitems__(keys) == [src[int(k)] for k in keys]  # pickling (Grain workers)
+  assert pickle.loads(pickle.dumps(src)).__getitems__(keys[:9]) == [src[int(k)] for k in keys[:9]]
+  with pytest.raises(IndexError, match="outside its 103 records"):
+    src[103]
   assert not list(corpus.path.glob(".*")), "temporary files left behind"
 
 

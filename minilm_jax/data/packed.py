@@ -39,7 +39,7 @@ class _PackIterator(grain.DatasetIterator):
   """One data shard's packed rows, planned from the lengths alone: keys in Grain's shuffled
   order (`grain.experimental.index_shuffle`, a new permutation each epoch), each into the
   first of `num_bins` open rows it fits; when it fits none, the fullest row is closed. A batch
-  is `rows` closed rows; only then are its records read (one batched ArrayRecord read).
+  is `rows` closed rows; only then are its records read (`shards.Records`, by key).
   State: (epoch, keys placed, the keys in each open and closed-but-unsent row): exact."""
 
   def __init__(self, p: PackedBatches, s: int):

@@ -3,7 +3,7 @@
   PackedBatches    (packed.py) distillation and other unlabeled corpora. Per data shard: keys in
                    Grain's global index shuffle (a new permutation each epoch, O(1) memory),
                    this shard's slice of them, first-fit packing planned from the lengths files
-                   alone, then one batched ArrayRecord read per batch of rows. A process reads
+                   alone, then its records read by key (`shards.Records`). A process reads
                    only its own shards; every row is (local batch, seq_len).
   BucketedBatches  fine-tuning and evaluation. Every process walks the same shuffled key order
                    and the lengths file (2 bytes an example, memory-mapped) to form the same
