@@ -1,5 +1,6 @@
 """Training objectives as pure array functions: CE, regression, span QA, logit KD, hidden MSE and
-the MiniLM v1 / MiniLMv2 self-attention distillation losses.
+the MiniLM v1 / MiniLMv2 self-attention distillation losses, and the contrastive sentence-embedding
+losses (in-batch negatives, Matryoshka).
 
 Every function takes arrays, masks and weights and returns one value per example, shape (B,);
 the caller chooses how to reduce over the batch (mean, weighted mean, sum over devices). Nothing
@@ -256,3 +257,67 @@ def minilm_v2_loss(t_q: jax.Array, t_k: jax.Array, t_v: jax.Array, s_q: jax.Arra
   """
   return sum(relation_kl(t, s, mask, num_relation_heads=num_relation_heads)
              for t, s in ((t_q, s_q), (t_k, s_k), (t_v, s_v)))
+
+
+# --- contrastive sentence embeddings (sentence-transformers' losses) --------------------------
+
+def _normalize(x: jax.Array) -> jax.Array:
+  x = _f32(x)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
+
+
+def in_batch_negatives(anchors: jax.Array, candidates: jax.Array, *, scale: float = 20.0,
+                       symmetric: bool = False, valid: jax.Array | None = None,
+                       same: jax.Array | None = None) -> jax.Array:
+  """MultipleNegativesRankingLoss: anchor i's cross-entropy over scale * cos(a_i, c_j) against
+  its positive c_i, every other candidate a negative. anchors (B, D), candidates (K*B, D): the B
+  positives, then any hard negatives (rows B.. of each further block). -> (B,).
+
+  Under jit over a batch sharded across devices and hosts the similarity matrix is global (XLA
+  gathers the candidates), so every anchor sees the whole global batch as negatives.
+
+  symmetric: also each positive's cross-entropy over the anchors (sentence-transformers'
+    directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"): the two
+    log-partitions are averaged.
+  valid (B,): False for padding rows, whose anchors, positives and negatives are no candidates.
+  same (B, K*B): True where candidate j is the same text as anchor i's positive (a false
+    negative); those logits are masked, the positive itself never.
+  """
+  b = anchors.shape[0]
+  if b < 2:
+    raise ValueError(f"in-batch negatives need a batch of at least 2, got {b}")
+  a, c = _normalize(anchors), _normalize(candidates)
+  scores = scale * (a @ c.T)                                           # (B, K*B)
+  eye = jnp.eye(b, scores.shape[1], dtype=bool)
+  drop = jnp.zeros_like(eye)
+  if valid is not None:
+    drop |= ~jnp.tile(valid, scores.shape[1] // b)[None, :]
+  if same is not None:
+    drop |= same & ~eye
+  scores = jnp.where(drop & ~eye, _MASK_LOGIT, scores)
+  positive = jnp.diagonal(scores[:, :b])
+  log_z = jax.nn.logsumexp(scores, axis=1)
+  if symmetric:
+    back = scores[:, :b].T                                             # positive i vs anchors
+    drop_back = jnp.zeros((b, b), bool)
+    if valid is not None:
+      drop_back |= ~valid[None, :]
+    if same is not None:
+      drop_back |= same[:, :b].T
+    back = jnp.where(drop_back & ~eye[:, :b], _MASK_LOGIT, back)
+    log_z = (log_z + jax.nn.logsumexp(back, axis=1)) / 2
+  return log_z - positive
+
+
+def matryoshka(loss_fn, anchors: jax.Array, candidates: jax.Array, dims, weights=None,
+               **kwargs) -> jax.Array:
+  """MatryoshkaLoss: sum_d w_d * loss_fn(anchors[:, :d], candidates[:, :d]) over the truncated
+  prefixes `dims` (e.g. 384/256/128/64; weights default 1). -> (B,)."""
+  width = anchors.shape[-1]
+  if any(d > width or d < 1 for d in dims):
+    raise ValueError(f"matryoshka dims {list(dims)} must lie in 1..{width}, the embedding size")
+  weights = [1.0] * len(dims) if weights is None else list(weights)
+  if len(weights) != len(dims):
+    raise ValueError(f"{len(weights)} matryoshka weights for {len(dims)} dims")
+  return sum(w * loss_fn(anchors[:, :d], candidates[:, :d], **kwargs)
+             for d, w in zip(dims, weights, strict=True))

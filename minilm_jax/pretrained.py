@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minilm_jax import checkpoint, hf, sharding
+from minilm_jax import pooling as pooling_lib
 from minilm_jax.config import ModelConfig
 from minilm_jax.heads import MaskedLM, SequenceClassifier, SpanQA
 from minilm_jax.model import Encoder, encoder_of
@@ -126,9 +127,15 @@ class Pretrained:
   new weights. One jitted forward is kept per model structure (graphdef)."""
 
   def __init__(self, model: nnx.Module, config: ModelConfig, tokenizer, source: Path,
-               task: str = "encoder", num_labels: int | None = None):
+               task: str = "encoder", num_labels: int | None = None,
+               pooling: pooling_lib.Pooling | None = None):
     self.model, self.config, self.tokenizer = model, config, tokenizer
     self.source, self.task, self.num_labels = source, task, num_labels
+    # How `encode` pools: the checkpoint's sentence-transformers modules (mean + normalise
+    # when it has none).
+    self.pooling = pooling or pooling_lib.read(source)
+    self.max_seq_length = min(pooling_lib.max_seq_length(source) or config.max_length,
+                              config.max_length)
     self._forwards: dict = {}
 
   @property
@@ -156,11 +163,11 @@ class Pretrained:
 
   def encode(self, texts: Sequence[str] | str, *, batch_size: int = 64,
              max_length: int | None = None, show_progress: bool | None = None) -> np.ndarray:
-    """(B, H) float32 sentence embeddings: mask-weighted mean of the last layer, L2-normalised."""
+    """(B, H) float32 sentence embeddings of the last layer, pooled by `self.pooling`."""
     from tqdm.auto import tqdm
     if isinstance(texts, str):
       texts = [texts]
-    max_length = min(max_length or self.config.max_length, self.config.max_length)
+    max_length = min(max_length or self.max_seq_length, self.config.max_length)
     # Longest first, padded to multiples of 16: few shapes to compile, little padding.
     lengths = [len(ids) for ids in self.tokenizer(list(texts), max_length=max_length,
                                                    padding="do_not_pad")["input_ids"]]
@@ -173,21 +180,33 @@ class Pretrained:
       idx = order[s:s + batch_size]
       batch = self.tokenizer([texts[i] for i in idx], max_length=max_length,
                              pad_to_multiple_of=16)
-      hidden = self(**batch)
-      mask = jnp.asarray(batch["attention_mask"], jnp.float32)[..., None]
-      pooled = (hidden * mask).sum(1) / jnp.maximum(mask.sum(1), 1e-9)
-      pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-      out[idx] = np.asarray(pooled)
+      out[idx] = np.asarray(self.pooling(self(**batch), jnp.asarray(batch["attention_mask"])))
     return out
 
   def save(self, path: str | Path) -> Path:
-    """A minilm_jax model directory (orbax params + config + tokenizer files)."""
-    return checkpoint.save_model_dir(path, nnx.state(self.model, nnx.Param), self.config,
-                                     task=self.task, num_labels=self.num_labels,
-                                     tokenizer_dir=self.source)
+    """A minilm_jax model directory (orbax params + config + tokenizer files + pooling)."""
+    out = checkpoint.save_model_dir(path, nnx.state(self.model, nnx.Param), self.config,
+                                    task=self.task, num_labels=self.num_labels,
+                                    tokenizer_dir=self.source)
+    self._write_pooling(out)
+    return out
 
   def export_hf(self, path: str | Path) -> Path:
     return export_hf(self.model, self.config, path, task=self.task, tokenizer_dir=self.source)
+
+  def export_sentence_transformers(self, path: str | Path) -> Path:
+    """An HF model plus modules.json, the pooling config and the normalise module:
+    `sentence_transformers.SentenceTransformer(path).encode` gives this model's `encode`."""
+    if self.task != "encoder":
+      raise ValueError(f"a sentence-transformers export needs an encoder, not {self.task!r}")
+    out = self.export_hf(path)
+    self._write_pooling(out)
+    return out
+
+  def _write_pooling(self, out: Path) -> None:
+    if jax.process_index() == 0:
+      pooling_lib.write(self.pooling, out, dim=self.config.hidden_size,
+                        max_seq_length=self.max_seq_length)
 
 
 def export_hf(model: nnx.Module, cfg: ModelConfig, path: str | Path, *, task: str = "encoder",

@@ -85,6 +85,10 @@ class Objective:
   best_metric: str | None = None
   frozen: Any = None   # e.g. a teacher's params: passed to loss_fn and eval_fn, never trained
   weights: Callable[[dict], jax.Array] | None = None  # batch -> (B,) loss weights
+  # Replaces the loop's value_and_grad when the loss couples the batch's rows and is
+  # differentiated in parts (GradCache): (graphdef, params, batch, rng, frozen) -> (weighted
+  # mean loss, aux, gradients of it). Not combinable with microbatches.
+  loss_and_grads: Callable[..., tuple[jax.Array, dict, Any]] | None = None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -147,7 +151,13 @@ def make_train_step(graphdef, objective: Objective, tx: optax.GradientTransforma
 
   grad_fn = jax.value_and_grad(weighted_sum, has_aux=True)
 
+  if objective.loss_and_grads is not None and microbatches > 1:
+    raise ValueError("this objective differentiates its batch itself (GradCache chunks); "
+                     "set loop.microbatches to 1")
+
   def loss_and_grads(params, batch, rng, frozen):
+    if objective.loss_and_grads is not None:
+      return objective.loss_and_grads(graphdef, params, batch, rng, frozen)
     if microbatches == 1:
       (total, (aux, wsum)), grads = grad_fn(params, batch, rng, frozen)
     else:
