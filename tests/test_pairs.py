@@ -1,0 +1,115 @@
+"""Pair and triplet batches over prepared shards (data/pairs.py): aligned roles, per-process
+rows, exact resume, source mixing, and the errors a bad pair file gives."""
+
+import json
+
+import numpy as np
+import pytest
+from test_pipeline import IN_PROCESS, lines
+
+from minilm_jax import contrastive, data, pooling, pretrained, tokenizer
+from minilm_jax.data import pairs
+
+
+def write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+@pytest.fixture(scope="module")
+def triplets(tmp_path_factory, gt_model_dir):
+  root = tmp_path_factory.mktemp("pairs")
+  texts = lines(66, seed=4, max_words=12)
+  rows = [{"q": texts[i], "d": texts[i + 22], "n": texts[i + 44], "score": i / 4}
+          for i in range(22)]
+  src = data.Source("jsonl", paths=(str(write_jsonl(root / "t.jsonl", rows)),))
+  corpora = pairs.prepare_pairs(src, {"anchor": "q", "positive": "d", "negative_1": "n"},
+                                root / "prep", tokenizer_path=gt_model_dir, max_length=32,
+                                beam_args=IN_PROCESS, label_column="score")
+  return rows, corpora
+
+
+def test_roles_are_aligned_rows(triplets, gt_model_dir):
+  rows, corpora = triplets
+  tok = tokenizer.load(gt_model_dir)
+  b = pairs.PairBatches(corpora, batch_size=8, shuffle=False)
+  seen = []
+  for batch in b.iter_epoch():
+    for r in np.flatnonzero(batch["weights"]):
+      i = int(batch["index"][r])
+      seen.append(i)
+      for role, col, arr in (("anchor", "q", batch["anchor_input_ids"]),
+                             ("positive", "d", batch["positive_input_ids"]),
+                             ("negative", "n", batch["negative_input_ids"][:, 0])):
+        want = tok([rows[i][col]], max_length=32, padding="do_not_pad")["input_ids"][0]
+        assert arr[r, :len(want)].tolist() == want and not arr[r, len(want):].any(), role
+      assert batch["labels"][r] == pytest.approx(rows[i]["score"])
+  assert seen == list(range(22))
+  assert batch["negative_input_ids"].ndim == 3 and batch["weights"].sum() == 22 - 16
+
+
+def test_processes_read_disjoint_rows_of_the_same_global_batches(triplets):
+  _, corpora = triplets
+  one = pairs.PairBatches(corpora, batch_size=8, seed=3)
+  hosts = [pairs.PairBatches(corpora, batch_size=8, seed=3, process_index=i, process_count=2)
+           for i in range(2)]
+  for g, h0, h1, _ in zip(iter(one), iter(hosts[0]), iter(hosts[1]), range(6)):
+    for k in g:
+      np.testing.assert_array_equal(np.concatenate([h0[k], h1[k]]), g[k], err_msg=k)
+  epoch = [int(i) for b, _ in zip(iter(pairs.PairBatches(corpora, batch_size=11, seed=5)),
+                                   range(2)) for i in b["index"]]
+  assert sorted(epoch) == list(range(22))  # a shuffled epoch holds every row once
+
+
+def test_resume_and_mixing_are_exact(triplets):
+  _, corpora = triplets
+  make = lambda: pairs.MixedPairBatches(
+      [pairs.PairBatches(corpora, batch_size=4, seed=1),
+       pairs.PairBatches({r: corpora[r] for r in ("anchor", "positive")}, batch_size=4,
+                         seed=2)], [3, 1], seed=9)
+  run = make()
+  it = iter(run)
+  ref = [next(it) for _ in range(12)]
+  assert {"negative_input_ids" in b for b in ref} == {True, False}  # both sources drawn
+  again = make()
+  it = iter(again)
+  for _ in range(5):
+    next(it)
+  state = again.state()
+  resumed = make()
+  resumed.restore(json.loads(json.dumps(state)))
+  it = iter(resumed)
+  for want in ref[5:]:
+    got = next(it)
+    assert sorted(got) == sorted(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_a_batch_trains_through_the_contrastive_objective(triplets, gt_model_dir):
+  _, corpora = triplets
+  model = pretrained.from_pretrained(gt_model_dir)
+  batch = next(iter(pairs.PairBatches(corpora, batch_size=8, seed=0)))
+  per, aux = contrastive.objective(pooling.Pooling()).loss_fn(model.model, batch, None)
+  assert per.shape == (8,) and np.isfinite(per).all() and 0 <= float(aux["accuracy"]) <= 1
+
+
+def test_bad_pair_input(tmp_path, gt_model_dir):
+  path = write_jsonl(tmp_path / "p.jsonl", [{"q": "a b", "d": "c"}, {"q": "x"}])
+  src = data.Source("jsonl", paths=(str(path),))
+  with pytest.raises(ValueError, match=r"p.jsonl, line 2: missing column\(s\) \['d'\]"):
+    pairs.prepare_pairs(src, {"anchor": "q", "positive": "d"}, tmp_path / "o",
+                        tokenizer_path=gt_model_dir, max_length=16, beam_args=IN_PROCESS)
+  write_jsonl(path, [{"q": "a b", "d": "c", "s": "high"}])
+  with pytest.raises(ValueError, match="p.jsonl, line 1"):
+    pairs.prepare_pairs(src, {"anchor": "q", "positive": "d"}, tmp_path / "o2",
+                        tokenizer_path=gt_model_dir, max_length=16, beam_args=IN_PROCESS,
+                        label_column="s")
+  with pytest.raises(ValueError, match="expected roles"):
+    pairs.prepare_pairs(src, {"anchor": "q"}, tmp_path / "o3", tokenizer_path=gt_model_dir,
+                        max_length=16)
+  write_jsonl(path, [{"q": "a b", "d": "c"}, {"q": "x y", "d": "z"}])
+  corpora = pairs.prepare_pairs(src, {"anchor": "q", "positive": "d"}, tmp_path / "o4",
+                                tokenizer_path=gt_model_dir, max_length=16, beam_args=IN_PROCESS)
+  with pytest.raises(ValueError, match="at least 2"):
+    pairs.PairBatches(corpora, batch_size=1)
