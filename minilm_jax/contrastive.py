@@ -22,8 +22,9 @@ import dataclasses
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from minilm_jax import losses
+from minilm_jax import losses, metrics
 from minilm_jax.model import encoder_of
 from minilm_jax.pooling import Pooling
 from minilm_jax.trainer import Objective
@@ -95,8 +96,14 @@ def _accuracy(a, c, batch):
 
 
 def objective(pooling: Pooling, cfg: ContrastiveConfig = ContrastiveConfig(), *,
-              grad_cache_chunk: int = 0) -> Objective:
+              grad_cache_chunk: int = 0, eval_sets: list[tuple[str, str]] = ()) -> Objective:
   """The contrastive objective: per-anchor loss, in-batch top-1 accuracy as aux.
+
+  eval_sets: (name, kind) of each `data.EvalSets` entry, in order: "sts" gives
+  `<name>/spearman` (of cosine against the gold scores), "retrieval" `<name>/mrr@10`,
+  `/ndcg@10`, `/recall@1`, `/recall@10` (each anchor a query over the set's distinct
+  positives). The best checkpoint goes by the first set's spearman or ndcg@10 unless the
+  loop's best_metric says otherwise.
 
   grad_cache_chunk > 0: GradCache (Gao et al. 2021): embed every role in chunks of that many
   texts without gradients, take the loss's gradients with respect to the embeddings, then run
@@ -109,8 +116,37 @@ def objective(pooling: Pooling, cfg: ContrastiveConfig = ContrastiveConfig(), *,
     c = jnp.concatenate(cs)
     return loss_from_embeddings(a, c, batch, cfg), _accuracy(a, c, batch)
 
+  def eval_fn(model, batch, frozen=None):
+    a, p = (embed(model, role_arrays(batch, r), pooling) for r in ("anchor", "positive"))
+    cos = jnp.sum(losses._normalize(a) * losses._normalize(p), axis=-1)
+    return {"anchor": a, "positive": p, "cosine": cos, "eval_set": batch["eval_set"],
+            "positive_text_id": batch["positive_text_id"]}
+
+  def metrics_fn(out):
+    res = {}
+    for i, (name, kind) in enumerate(eval_sets):
+      rows = out["eval_set"] == i
+      if kind == "sts":
+        res[f"{name}/spearman"] = metrics.spearman(out["cosine"][rows], out["_labels"][rows])
+        continue
+      doc_ids, first, which = np.unique(out["positive_text_id"][rows], return_index=True,
+                                        return_inverse=True)
+      q, d = out["anchor"][rows], out["positive"][rows][first]
+      unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+      scores = unit(q) @ unit(d).T
+      ranked = metrics.retrieval_metrics(scores, [[j] for j in which.reshape(-1)])
+      res.update({f"{name}/{k}": v for k, v in ranked.items()})
+    return res
+
+  best = None
+  if eval_sets:
+    name, kind = eval_sets[0]
+    best = f"{name}/spearman" if kind == "sts" else f"{name}/ndcg@10"
+  evaluation = dict(eval_fn=eval_fn, metrics_fn=metrics_fn, best_metric=best) if eval_sets \
+      else {}
+
   if not grad_cache_chunk:
-    return Objective(loss_fn)
+    return Objective(loss_fn, **evaluation)
 
   def loss_and_grads(graphdef, params, batch, rng, frozen=None):
     def chunks(arrays):
@@ -145,4 +181,4 @@ def objective(pooling: Pooling, cfg: ContrastiveConfig = ContrastiveConfig(), *,
       grads, _ = jax.lax.scan(add, grads, (*parts, jnp.arange(parts[0].shape[0]), d))
     return loss, aux, grads
 
-  return Objective(loss_fn, loss_and_grads=loss_and_grads)
+  return Objective(loss_fn, loss_and_grads=loss_and_grads, **evaluation)

@@ -99,6 +99,34 @@ def spearman(x, y) -> float:
   return pearson(_average_ranks(x), _average_ranks(y))
 
 
+def retrieval_metrics(scores, relevant: Sequence[Sequence[int]], *, ks=(1, 10)) -> dict:
+  """Ranking metrics of a (queries, documents) score matrix against each query's relevant
+  document indices (binary relevance), as sentence-transformers' InformationRetrievalEvaluator
+  computes them: mrr@10 (1 / rank of the first relevant in the top 10), ndcg@10 (DCG of the top
+  10 over the ideal DCG of min(|relevant|, 10) hits) and recall@k (share of the relevant in the
+  top k) for each k in `ks`. Ties rank by document index."""
+  scores = np.asarray(scores, np.float64)
+  if scores.ndim != 2 or len(relevant) != len(scores):
+    raise ValueError(f"scores {scores.shape} for {len(relevant)} queries")
+  depth = max(10, *ks)
+  top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+  discount = 1.0 / np.log2(np.arange(2, depth + 2))
+  mrr, ndcg, recall = [], [], {k: [] for k in ks}
+  for ranked, rel in zip(top, relevant, strict=True):
+    rel = set(int(r) for r in rel)
+    if not rel:
+      raise ValueError("a query without relevant documents")
+    hit = np.fromiter((d in rel for d in ranked), bool, len(ranked))
+    first = np.flatnonzero(hit[:10])
+    mrr.append(1.0 / (first[0] + 1) if len(first) else 0.0)
+    ndcg.append(float((hit[:10] * discount[:10]).sum() / discount[:min(len(rel), 10)].sum()))
+    for k in ks:
+      recall[k].append(hit[:k].sum() / len(rel))
+  out = {"mrr@10": float(np.mean(mrr)), "ndcg@10": float(np.mean(ndcg))}
+  out.update({f"recall@{k}": float(np.mean(v)) for k, v in recall.items()})
+  return out
+
+
 # GLUE's official metric per task (XNLI: accuracy, like MNLI). Keys are normalised task names.
 _GLUE_METRICS: dict[str, tuple[str, ...]] = {
     "cola": ("mcc",),

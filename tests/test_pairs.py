@@ -113,3 +113,47 @@ def test_bad_pair_input(tmp_path, gt_model_dir):
                                 tokenizer_path=gt_model_dir, max_length=16, beam_args=IN_PROCESS)
   with pytest.raises(ValueError, match="at least 2"):
     pairs.PairBatches(corpora, batch_size=1)
+
+
+def test_in_loop_metrics_equal_sentence_transformers_evaluators(tmp_path, gt_model_dir):
+  """STS spearman and retrieval MRR/nDCG/recall from the objective's eval over EvalSets equal
+  sentence-transformers' EmbeddingSimilarityEvaluator and InformationRetrievalEvaluator."""
+  import jax
+  from sentence_transformers import SentenceTransformer
+  from sentence_transformers.sentence_transformer import evaluation
+
+  from minilm_jax import sharding, trainer
+  texts = lines(48, seed=8, max_words=10)
+  sts = [{"a": texts[i], "b": texts[i + 1], "s": float((i * 7) % 5)} for i in range(0, 24, 2)]
+  # Queries 0-11 -> documents; queries 12-15 repeat documents 0-3 (shared documents).
+  ret = [{"q": texts[24 + i], "d": texts[36 + i % 12]} for i in range(16)]
+  kw = dict(tokenizer_path=gt_model_dir, max_length=32, beam_args=IN_PROCESS)
+  s = pairs.prepare_pairs(data.Source("jsonl", paths=(str(write_jsonl(tmp_path / "s.jsonl",
+                          sts)),)), {"anchor": "a", "positive": "b"}, tmp_path / "s",
+                          label_column="s", **kw)
+  r = pairs.prepare_pairs(data.Source("jsonl", paths=(str(write_jsonl(tmp_path / "r.jsonl",
+                          ret)),)), {"anchor": "q", "positive": "d"}, tmp_path / "r", **kw)
+  sets = pairs.EvalSets({"sts": ("sts", pairs.PairBatches(s, batch_size=4, shuffle=False)),
+                         "ir": ("retrieval", pairs.PairBatches(r, batch_size=6,
+                                                               shuffle=False))})
+  model = pretrained.from_pretrained(gt_model_dir)
+  obj = contrastive.objective(model.pooling, eval_sets=sets.kinds)
+  import flax.nnx as nnx
+  graphdef, params = nnx.split(model.model)
+  mesh = sharding.make_mesh(1, 1)
+  got = trainer.run_eval(jax.jit(trainer.make_eval_step(graphdef, obj)), params, sets, obj, mesh)
+  st = SentenceTransformer(str(gt_model_dir), device="cpu")
+  want_sts = evaluation.EmbeddingSimilarityEvaluator(
+      [x["a"] for x in sts], [x["b"] for x in sts], [x["s"] for x in sts])(st)
+  docs = {f"d{i}": texts[36 + i] for i in range(12)}
+  want_ir = evaluation.InformationRetrievalEvaluator(
+      {f"q{i}": x["q"] for i, x in enumerate(ret)}, docs,
+      {f"q{i}": {f"d{i % 12}"} for i in range(16)}, mrr_at_k=[10], ndcg_at_k=[10],
+      accuracy_at_k=[1], precision_recall_at_k=[1, 10], map_at_k=[10])(st)
+  sts_key = next(k for k in want_sts if k.endswith("spearman_cosine"))
+  assert abs(got["sts/spearman"] - want_sts[sts_key]) < 1e-6
+  for ours, theirs in (("mrr@10", "cosine_mrr@10"), ("ndcg@10", "cosine_ndcg@10"),
+                       ("recall@1", "cosine_recall@1"), ("recall@10", "cosine_recall@10")):
+    key = next(k for k in want_ir if k.endswith(theirs))
+    assert abs(got[f"ir/{ours}"] - want_ir[key]) < 1e-6, (ours, got, want_ir)
+  assert 0 < got["ir/mrr@10"] < 1 and obj.best_metric == "sts/spearman"

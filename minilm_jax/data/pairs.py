@@ -187,3 +187,27 @@ class MixedPairBatches(_Batches):
   def close(self) -> None:
     for p in self.parts:
       p.close()
+
+
+class EvalSets:
+  """Evaluation sets read as one: `{name: (kind, PairBatches)}`, kind "sts" (anchor and
+  positive sentences, anchor labels the gold scores) or "retrieval" (anchor a query, positive
+  its relevant document; the documents are the distinct positives, by text id). Each batch
+  carries `eval_set`, its set's position, for `contrastive.objective`'s metrics."""
+
+  KINDS = ("sts", "retrieval")
+
+  def __init__(self, sets: dict[str, tuple[str, PairBatches]]):
+    for name, (kind, _) in sets.items():
+      if kind not in self.KINDS:
+        raise ValueError(f"eval set {name!r}: kind {kind!r}, one of {self.KINDS}")
+    self.sets = dict(sets)
+
+  @property
+  def kinds(self) -> list[tuple[str, str]]:
+    return [(name, kind) for name, (kind, _) in self.sets.items()]
+
+  def iter_epoch(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    for i, (_, batches) in enumerate(self.sets.values()):
+      for batch in batches.iter_epoch(epoch):
+        yield {**batch, "eval_set": np.full(len(batch["weights"]), i, np.int32)}
