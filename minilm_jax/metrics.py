@@ -109,7 +109,7 @@ def retrieval_metrics(scores, relevant: Sequence[Sequence[int]], *, ks=(1, 10)) 
   if scores.ndim != 2 or len(relevant) != len(scores):
     raise ValueError(f"scores {scores.shape} for {len(relevant)} queries")
   depth = max(10, *ks)
-  top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]
+  top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]  # fewer documents: all of them
   discount = 1.0 / np.log2(np.arange(2, depth + 2))
   mrr, ndcg, recall = [], [], {k: [] for k in ks}
   for ranked, rel in zip(top, relevant, strict=True):
@@ -119,7 +119,8 @@ def retrieval_metrics(scores, relevant: Sequence[Sequence[int]], *, ks=(1, 10)) 
     hit = np.fromiter((d in rel for d in ranked), bool, len(ranked))
     first = np.flatnonzero(hit[:10])
     mrr.append(1.0 / (first[0] + 1) if len(first) else 0.0)
-    ndcg.append(float((hit[:10] * discount[:10]).sum() / discount[:min(len(rel), 10)].sum()))
+    dcg = (hit[:10] * discount[:len(hit[:10])]).sum()
+    ndcg.append(float(dcg / discount[:min(len(rel), 10)].sum()))
     for k in ks:
       recall[k].append(hit[:k].sum() / len(rel))
   out = {"mrr@10": float(np.mean(mrr)), "ndcg@10": float(np.mean(ndcg))}

@@ -9,7 +9,6 @@ import dataclasses
 import numpy as np
 import pytest
 from conftest import assert_parity, check_error, random_hf_model, save_hf
-from test_sharding import run_on_8_devices
 
 from minilm_jax import contrastive, losses, pooling, pretrained
 from minilm_jax.config import TINY
@@ -133,43 +132,86 @@ def test_sentence_transformers_export_matches(tmp_path, gt_model_dir):
   assert pooling.max_seq_length(path) == 256 == ours.max_seq_length
 
 
-def test_global_negatives_8_devices_equal_1():
-  """Loss and gradients of one global batch of 16 pairs: sharded over 8 devices (each anchor
-  scores all 15 negatives, gathered by XLA) equal the single-device step."""
-  out = run_on_8_devices("""
-    import flax.nnx as nnx, jax, jax.numpy as jnp, numpy as np
-    from minilm_jax import contrastive, pooling, sharding
-    from minilm_jax.config import TINY
-    from minilm_jax.model import Encoder
-    enc = Encoder(TINY.replace(inference_chunk_tokens=0), rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(enc)
-    rng = np.random.default_rng(0)
-    batch = {"weights": np.ones(16, np.float32)}
-    for role in ("anchor", "positive"):
-      batch[role + "_input_ids"] = rng.integers(5, 128, (16, 12)).astype(np.int32)
-      lengths = rng.integers(3, 13, (16, 1))
-      batch[role + "_attention_mask"] = (np.arange(12) < lengths).astype(np.int32)
-      batch[role + "_token_type_ids"] = np.zeros((16, 12), np.int32)
-      batch[role + "_text_id"] = rng.integers(0, 2**31, 16).astype(np.int32)
-    obj = contrastive.objective(pooling.Pooling())
-    def loss(params, batch):
-      return obj.loss_fn(nnx.merge(graphdef, params), batch, None)[0].mean()
-    step = jax.jit(jax.value_and_grad(loss))
-    one = jax.devices()[:1]
-    l1, g1 = step(jax.device_put(params, one[0]), jax.device_put(batch, one[0]))
-    mesh = sharding.make_mesh(8, 1)  # as the loop shards: batch over "data", params replicated
-    sharded = sharding.shard_batch(batch, mesh)
-    l8, g8 = step(jax.device_put(params, sharding.replicated(mesh)), sharded)
-    assert sharded["anchor_input_ids"].sharding.shard_shape((16, 12)) == (2, 12)
-    top = max(float(np.abs(b).max()) for b in jax.tree.leaves(g1))  # floor as in GradCache's
-    err = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) / max(float(np.abs(b).max()),
-                                                                      1e-3 * top)
-              for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)))
-    print("loss", float(l1), float(l8), "grad", err)
-    assert abs(float(l8) - float(l1)) <= 1e-6 * abs(float(l1)) and err < 1e-5, err
-    print("ok")
-  """)
-  assert out.strip().endswith("ok"), out
+GLOBAL_STEP = """
+import os, sys
+import flax.nnx as nnx, jax, jax.numpy as jnp, numpy as np
+from minilm_jax import contrastive, pooling, sharding
+from minilm_jax.config import TINY
+from minilm_jax.model import Encoder
+sharding.initialize_distributed()
+enc = Encoder(TINY.replace(inference_chunk_tokens=0), rngs=nnx.Rngs(0))
+graphdef, params = nnx.split(enc)
+rng = np.random.default_rng(0)
+batch = {"weights": np.ones(16, np.float32)}
+for role in ("anchor", "positive"):
+  batch[role + "_input_ids"] = rng.integers(5, 128, (16, 12)).astype(np.int32)
+  lengths = rng.integers(3, 13, (16, 1))
+  batch[role + "_attention_mask"] = (np.arange(12) < lengths).astype(np.int32)
+  batch[role + "_token_type_ids"] = np.zeros((16, 12), np.int32)
+  batch[role + "_text_id"] = rng.integers(0, 2**31, 16).astype(np.int32)
+obj = contrastive.objective(pooling.Pooling())
+def loss(params, batch):
+  return obj.loss_fn(nnx.merge(graphdef, params), batch, None)[0].mean()
+step = jax.jit(jax.value_and_grad(loss))
+mesh = sharding.make_mesh(-1, 1)  # as the loop shards: rows over "data", params replicated
+n, p = jax.process_count(), jax.process_index()
+mine = {k: v[p * 16 // n:(p + 1) * 16 // n] for k, v in batch.items()}  # this host's rows
+sharded = sharding.shard_batch(mine, mesh)
+assert sharded["anchor_input_ids"].sharding.shard_shape((16, 12)) == (2, 12)
+l8, g8 = sharding.to_host(step(jax.device_put(params, sharding.replicated(mesh)), sharded))
+leaves = {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(g8)}
+if n == 1:  # the single-device step, in the same process
+  one = jax.devices()[0]
+  l1, g1 = step(jax.device_put(params, one), jax.device_put(batch, one))
+  np.savez(sys.argv[1] + "-one.npz", loss=np.asarray(l1),
+           **{k: np.asarray(v) for k, v in zip(leaves, jax.tree.leaves(g1))})
+if p == 0:
+  np.savez(sys.argv[1] + f"-{n}x{8 // n}.npz", loss=np.asarray(l8), **leaves)
+print("ok")
+"""
+
+
+def _run_global_step(out, processes: int):
+  import os
+  import subprocess
+  import sys
+
+  from test_multihost import free_port
+  from test_sharding import ROOT
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+  if processes > 1:
+    env |= {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+            "JAX_NUM_PROCESSES": str(processes)}
+  procs = [subprocess.Popen([sys.executable, "-c", GLOBAL_STEP, str(out)], cwd=ROOT,
+                            env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+  for p in procs:
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0 and log.strip().endswith("ok"), log
+
+
+def _grad_err(got, want) -> float:
+  """Largest leaf error relative to the leaf's magnitude, floored at 1e-3 of the largest
+  gradient (the key biases' gradient is zero in exact arithmetic: float noise)."""
+  keys = [k for k in want.files if k != "loss"]
+  top = max(np.abs(want[k]).max() for k in keys)
+  return max(np.abs(got[k] - want[k]).max() / max(np.abs(want[k]).max(), 1e-3 * top)
+             for k in keys)
+
+
+def test_global_negatives_8_devices_and_2_hosts_equal_1_device(tmp_path):
+  """Loss and gradients of one global batch of 16 pairs: sharded over 8 devices of one process,
+  and over 2 processes x 4 devices (gloo), each anchor scores all 15 negatives (XLA gathers
+  the candidates across devices and hosts); both equal the single-device step."""
+  out = tmp_path / "g"
+  _run_global_step(out, 1)
+  _run_global_step(out, 2)
+  one, dev8, hosts = (np.load(f"{out}-{k}.npz") for k in ("one", "1x8", "2x4"))
+  for got, what in ((dev8, "8 devices"), (hosts, "2 hosts x 4 devices")):
+    assert abs(float(got["loss"]) - float(one["loss"])) <= 1e-6 * abs(float(one["loss"])), what
+    check_error(_grad_err(got, one), 1e-5, f"global negatives, {what}")
 
 
 def test_grad_cache_gradients_equal_the_direct_step(tiny_dir):
