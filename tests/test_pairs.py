@@ -157,3 +157,27 @@ def test_in_loop_metrics_equal_sentence_transformers_evaluators(tmp_path, gt_mod
     key = next(k for k in want_ir if k.endswith(theirs))
     assert abs(got[f"ir/{ours}"] - want_ir[key]) < 1e-6, (ours, got, want_ir)
   assert 0 < got["ir/mrr@10"] < 1 and obj.best_metric == "sts/spearman"
+
+
+def test_pairs_from_tfds(tmp_path, gt_model_dir):
+  """glue/stsb through tfds (mock data, nothing downloads): sentence1 / sentence2 a row each,
+  the float label with the anchors, aligned by row."""
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=6):
+    src = data.Source("tfds", tfds_name="glue/stsb", split="train")
+    corpora = pairs.prepare_pairs(src, {"anchor": "sentence1", "positive": "sentence2"},
+                                  tmp_path / "p", tokenizer_path=gt_model_dir, max_length=16,
+                                  beam_args=IN_PROCESS, label_column="label")
+    rows = list(tfds.as_numpy(tfds.load("glue/stsb", split="train")))
+  tok = tokenizer.load(gt_model_dir)
+  batch = next(pairs.PairBatches(corpora, batch_size=6, shuffle=False).iter_epoch())
+  for r, row in enumerate(rows):
+    for role, key in (("anchor", "sentence1"), ("positive", "sentence2")):
+      text = " ".join(row[key].decode().split())
+      want = tok([text], max_length=16, padding="do_not_pad")["input_ids"][0]
+      assert batch[f"{role}_input_ids"][r, :len(want)].tolist() == want
+    assert batch["labels"][r] == pytest.approx(float(row["label"]))
+  with tfds.testing.mock_data(num_examples=2):
+    with pytest.raises(ValueError, match=r"glue/stsb \[train\] example 0: no feature 'nope'"):
+      pairs.prepare_pairs(src, {"anchor": "nope", "positive": "sentence2"}, tmp_path / "q",
+                          tokenizer_path=gt_model_dir, max_length=16, beam_args=IN_PROCESS)

@@ -1,6 +1,6 @@
 """Pairs and triplets for contrastive training, on the same prepared shards as everything else.
 
-A pair source (JSONL/CSV/TSV, or in-memory examples) is prepared once per role column: one
+A pair source (JSONL/CSV/TSV, a tfds dataset's text features) is prepared once per role column: one
 corpus each for anchor, positive and any negatives, in `<dir>/<role>/`, so that record i of every
 role is row i of the source. `PairBatches` reads whole rows: Grain's global index shuffle (a new
 permutation each epoch), global batches of keys, each process reading only its rows, every role
@@ -44,8 +44,10 @@ def prepare_pairs(source: Source, columns: dict[str, str], out_dir: str | Path, 
     raise ValueError(f"pair columns {sorted(columns)}; expected roles {want}")
   out = {}
   for role in want:
+    column = {"text_key": columns[role], "windows": False} if source.kind == "tfds" else \
+        {"text_column": columns[role]}
     role_source = dataclasses.replace(
-        source, text_column=columns[role], pair_column=None, drop_empty=False,
+        source, **column, pair_column=None, drop_empty=False,
         label_column=label_column if role == "anchor" else None,
         regression=label_column is not None and role == "anchor", label_names=None)
     out[role] = prepare.prepare_once(role_source, Path(out_dir) / role,

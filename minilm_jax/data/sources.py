@@ -35,7 +35,8 @@ class Source:
     csv / tsv  a header row; columns text[, pair][, label]     (paths)
     jsonl      one JSON object per line, same columns         (paths)
     tfds       a prepared tfds dataset (never downloaded): `text_key` documents, cut into
-               windows like `documents` (wikipedia, c4) unless `pair_key`/`label_key` are set
+               windows like `documents` (wikipedia, c4); with `windows` false one example a
+               row (truncated, as a line; a pair column or an STS score: `label_column`)
     examples   `examples`, in memory (packaged corpora, GLUE read through tfds)
   """
 
@@ -52,11 +53,13 @@ class Source:
   split: str = "train"
   data_dir: str | None = None
   text_key: str = "text"
+  windows: bool = True
   examples: tuple = ()
 
   def describe(self) -> str:
     if self.kind == "tfds":
-      return f"tfds {self.tfds_name} [{self.split}]"
+      return f"tfds {self.tfds_name} [{self.split}]" + (
+          "" if self.windows else f" feature {self.text_key!r} a row")
     if self.kind == "examples":
       digest = hashlib.sha256(json.dumps(list(self.examples), sort_keys=True, default=str)
                               .encode()).hexdigest()[:12]
@@ -219,11 +222,24 @@ def _read_tfds(source: Source, start: int, end: int) -> Iterator[dict]:
   split = source.split if start is None else f"{source.split}[{start}:{end}]"
   ds = tfds.load(source.tfds_name, split=split,
                  data_dir=source.data_dir, download=False, shuffle_files=False)
-  for row in tfds.as_numpy(ds):
+  for i, row in enumerate(tfds.as_numpy(ds), start or 0):
+    for key in (source.text_key, source.label_column):
+      if key is not None and key not in row:
+        raise ValueError(f"tfds {source.tfds_name} [{source.split}] example {i}: no feature "
+                         f"{key!r}; features: {sorted(row)}")
     text = row[source.text_key]
     text = text.decode() if isinstance(text, bytes) else str(text)
-    if text.strip():
-      yield {"text": " ".join(text.split()), "document": True}
+    if source.windows:
+      if text.strip():
+        yield {"text": " ".join(text.split()), "document": True}
+      continue
+    if not text.strip():  # one example a row: a dropped row would misalign paired columns
+      raise ValueError(f"tfds {source.tfds_name} [{source.split}] example {i}: empty "
+                       f"{source.text_key!r}")
+    ex = {"text": " ".join(text.split())}
+    if source.label_column is not None:
+      ex["label"] = float(row[source.label_column])
+    yield ex
 
 
 def label_names(source: Source) -> tuple[str, ...] | None:
