@@ -101,7 +101,8 @@ def test_bad_pair_input(tmp_path, gt_model_dir):
     pairs.prepare_pairs(src, {"anchor": "q", "positive": "d"}, tmp_path / "o",
                         tokenizer_path=gt_model_dir, max_length=16, beam_args=IN_PROCESS)
   write_jsonl(path, [{"q": "a b", "d": "c", "s": "high"}])
-  with pytest.raises(ValueError, match="p.jsonl, line 1"):
+  with pytest.raises(ValueError, match="p.jsonl, line 1: regression label 'high' is not a "
+                                       "number"):
     pairs.prepare_pairs(src, {"anchor": "q", "positive": "d"}, tmp_path / "o2",
                         tokenizer_path=gt_model_dir, max_length=16, beam_args=IN_PROCESS,
                         label_column="s")
