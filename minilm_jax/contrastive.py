@@ -96,14 +96,15 @@ def _accuracy(a, c, batch):
 
 
 def objective(pooling: Pooling, cfg: ContrastiveConfig = ContrastiveConfig(), *,
-              grad_cache_chunk: int = 0, eval_sets: list[tuple[str, str]] = ()) -> Objective:
+              grad_cache_chunk: int = 0, eval_sets=()) -> Objective:
   """The contrastive objective: per-anchor loss, in-batch top-1 accuracy as aux.
 
-  eval_sets: (name, kind) of each `data.EvalSets` entry, in order: "sts" gives
-  `<name>/spearman` (of cosine against the gold scores), "retrieval" `<name>/mrr@10`,
-  `/ndcg@10`, `/recall@1`, `/recall@10` (each anchor a query over the set's distinct
-  positives). The best checkpoint goes by the first set's spearman or ndcg@10 unless the
-  loop's best_metric says otherwise.
+  eval_sets: the `data.EvalSets` evaluated (or their `.kinds`, without corpus sets): "sts"
+  gives `<name>/spearman` (of cosine against the gold scores); "retrieval" (each anchor a
+  query over the set's distinct positives) and "corpus" (queries over a document corpus,
+  relevance from qrels) `<name>/mrr@10`, `/ndcg@10`, `/recall@1`, `/recall@10`. The best
+  checkpoint goes by the first set's spearman or ndcg@10 unless the loop's best_metric says
+  otherwise.
 
   grad_cache_chunk > 0: GradCache (Gao et al. 2021): embed every role in chunks of that many
   texts without gradients, take the loss's gradients with respect to the embeddings, then run
@@ -116,34 +117,47 @@ def objective(pooling: Pooling, cfg: ContrastiveConfig = ContrastiveConfig(), *,
     c = jnp.concatenate(cs)
     return loss_from_embeddings(a, c, batch, cfg), _accuracy(a, c, batch)
 
+  kinds = eval_sets.kinds if hasattr(eval_sets, "kinds") else list(eval_sets)
+
   def eval_fn(model, batch, frozen=None):
-    a, p = (embed(model, role_arrays(batch, r), pooling) for r in ("anchor", "positive"))
+    # A corpus's query and document batches carry one role each: the other is zeros, so every
+    # output has a row per batch row.
+    b = batch["weights"].shape[0]
+    a, p = (embed(model, role_arrays(batch, r), pooling) if f"{r}_input_ids" in batch else None
+            for r in ("anchor", "positive"))
+    a = jnp.zeros_like(p) if a is None else a
+    p = jnp.zeros_like(a) if p is None else p
     cos = jnp.sum(losses._normalize(a) * losses._normalize(p), axis=-1)
     return {"anchor": a, "positive": p, "cosine": cos, "eval_set": batch["eval_set"],
-            "positive_text_id": batch["positive_text_id"]}
+            "eval_part": batch["eval_part"],
+            "positive_text_id": batch.get("positive_text_id", jnp.zeros(b, jnp.int32))}
 
   def metrics_fn(out):
     res = {}
-    for i, (name, kind) in enumerate(eval_sets):
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    for i, (name, kind) in enumerate(kinds):
       rows = out["eval_set"] == i
       if kind == "sts":
         res[f"{name}/spearman"] = metrics.spearman(out["cosine"][rows], out["_labels"][rows])
         continue
-      doc_ids, first, which = np.unique(out["positive_text_id"][rows], return_index=True,
-                                        return_inverse=True)
-      q, d = out["anchor"][rows], out["positive"][rows][first]
-      unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-      scores = unit(q) @ unit(d).T
-      ranked = metrics.retrieval_metrics(scores, [[j] for j in which.reshape(-1)])
+      if kind == "corpus":  # record order, queries (part 0) then documents (part 1)
+        part = lambda k, key: out[key][rows & (out["eval_part"] == k)][
+            np.argsort(out["_index"][rows & (out["eval_part"] == k)], kind="stable")]
+        q, d, relevant = part(0, "anchor"), part(1, "positive"), eval_sets.relevant(i)
+      else:
+        _, first, which = np.unique(out["positive_text_id"][rows], return_index=True,
+                                    return_inverse=True)
+        q, d = out["anchor"][rows], out["positive"][rows][first]
+        relevant = [[j] for j in which.reshape(-1)]
+      ranked = metrics.retrieval_metrics(unit(q) @ unit(d).T, relevant)
       res.update({f"{name}/{k}": v for k, v in ranked.items()})
     return res
 
   best = None
-  if eval_sets:
-    name, kind = eval_sets[0]
+  if kinds:
+    name, kind = kinds[0]
     best = f"{name}/spearman" if kind == "sts" else f"{name}/ndcg@10"
-  evaluation = dict(eval_fn=eval_fn, metrics_fn=metrics_fn, best_metric=best) if eval_sets \
-      else {}
+  evaluation = dict(eval_fn=eval_fn, metrics_fn=metrics_fn, best_metric=best) if kinds else {}
 
   if not grad_cache_chunk:
     return Objective(loss_fn, **evaluation)

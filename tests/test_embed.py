@@ -23,6 +23,9 @@ def files(tmp_path_factory):
                                              for i in range(16)])
   dev = write_jsonl(root / "dev.jsonl", [{"query": texts[i], "document": texts[i + 20]}
                                          for i in range(16, 20)] * 2)
+  write_jsonl(root / "q.jsonl", [{"id": f"q{i}", "text": texts[i]} for i in range(4)])
+  write_jsonl(root / "d.jsonl", [{"id": f"d{i}", "text": texts[20 + i]} for i in range(8)])
+  write_jsonl(root / "qrels.jsonl", [{"query_id": f"q{i}", "doc_id": f"d{i}"} for i in range(4)])
   return model, train, dev
 
 
@@ -41,11 +44,15 @@ def config(files, out, **over):
 
 def test_embed_trains_evaluates_and_exports(files, tmp_path):
   from sentence_transformers import SentenceTransformer
-  summary = embed.run(config(files, tmp_path / "run"))
+  root = files[1].parent
+  corpus = {"data.corpus_queries": root / "q.jsonl", "data.corpus_documents": root / "d.jsonl",
+            "data.corpus_qrels": root / "qrels.jsonl"}
+  summary = embed.run(config(files, tmp_path / "run", **corpus))
   metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
   assert summary["steps"] == 2
   for when in ("start", "final"):
-    assert set(metrics[when]) >= {"retrieval/mrr@10", "retrieval/ndcg@10", "retrieval/recall@1"}
+    assert set(metrics[when]) >= {"retrieval/mrr@10", "retrieval/ndcg@10", "retrieval/recall@1",
+                                  "corpus/mrr@10", "corpus/recall@10"}
   assert metrics["start"] != metrics["final"]  # the model moved
   final = pretrained.from_pretrained(tmp_path / "run" / "final")
   st = SentenceTransformer(str(tmp_path / "run" / "sentence-transformers"), device="cpu")
@@ -61,3 +68,11 @@ def test_embed_trains_evaluates_and_exports(files, tmp_path):
 def test_embed_config_errors(files, tmp_path, over, message):
   with pytest.raises(ValueError, match=message):
     embed.run(config(files, tmp_path / "run", **over))
+
+
+def test_shipped_embed_configs_parse():
+  paths = sorted((cli.CONFIG_DIR).glob("embed_*.yaml"))
+  assert [p.stem for p in paths] == ["embed_all_minilm", "embed_manpages"]
+  for path in paths:
+    cfg, _ = cli.load(embed.EmbedConfig, str(path), [], default="embed_manpages")
+    assert cfg.objective.scale == 20.0

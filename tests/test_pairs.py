@@ -134,11 +134,22 @@ def test_in_loop_metrics_equal_sentence_transformers_evaluators(tmp_path, gt_mod
                           label_column="s", **kw)
   r = pairs.prepare_pairs(data.Source("jsonl", paths=(str(write_jsonl(tmp_path / "r.jsonl",
                           ret)),)), {"anchor": "q", "positive": "d"}, tmp_path / "r", **kw)
+  # A corpus with ids: 6 queries, 10 documents (4 distractors), 2 queries with 2 relevant ones.
+  c_queries = {f"q{i}": texts[i] for i in range(6)}
+  c_docs = {f"d{i}": texts[10 + i] for i in range(10)}
+  c_qrels = {f"q{i}": {f"d{i}"} | ({f"d{i + 6}"} if i < 2 else set()) for i in range(6)}
+  corpus = pairs.RetrievalCorpus.prepare(
+      write_jsonl(tmp_path / "cq.jsonl", [{"id": k, "text": v} for k, v in c_queries.items()]),
+      write_jsonl(tmp_path / "cd.jsonl", [{"id": k, "text": v} for k, v in c_docs.items()]),
+      write_jsonl(tmp_path / "qrels.jsonl", [{"query_id": q, "doc_id": d}
+                                             for q, ds in c_qrels.items() for d in sorted(ds)]),
+      tmp_path / "c", batch_size=4, **kw)
   sets = pairs.EvalSets({"sts": ("sts", pairs.PairBatches(s, batch_size=4, shuffle=False)),
                          "ir": ("retrieval", pairs.PairBatches(r, batch_size=6,
-                                                               shuffle=False))})
+                                                               shuffle=False)),
+                         "corpus": ("corpus", corpus)})
   model = pretrained.from_pretrained(gt_model_dir)
-  obj = contrastive.objective(model.pooling, eval_sets=sets.kinds)
+  obj = contrastive.objective(model.pooling, eval_sets=sets)
   import flax.nnx as nnx
   graphdef, params = nnx.split(model.model)
   mesh = sharding.make_mesh(1, 1)
@@ -158,6 +169,18 @@ def test_in_loop_metrics_equal_sentence_transformers_evaluators(tmp_path, gt_mod
     key = next(k for k in want_ir if k.endswith(theirs))
     assert abs(got[f"ir/{ours}"] - want_ir[key]) < 1e-6, (ours, got, want_ir)
   assert 0 < got["ir/mrr@10"] < 1 and obj.best_metric == "sts/spearman"
+  want_corpus = evaluation.InformationRetrievalEvaluator(
+      c_queries, c_docs, c_qrels, mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1],
+      precision_recall_at_k=[1, 10], map_at_k=[10])(st)
+  for ours, theirs in (("mrr@10", "cosine_mrr@10"), ("ndcg@10", "cosine_ndcg@10"),
+                       ("recall@1", "cosine_recall@1"), ("recall@10", "cosine_recall@10")):
+    key = next(k for k in want_corpus if k.endswith(theirs))
+    assert abs(got[f"corpus/{ours}"] - want_corpus[key]) < 1e-6, (ours, got, want_corpus)
+  assert got["corpus/recall@1"] < 1  # two queries have two relevant documents
+  bad = write_jsonl(tmp_path / "bad_qrels.jsonl", [{"query_id": "q0", "doc_id": "d99"}])
+  with pytest.raises(ValueError, match="bad_qrels.jsonl, line 1: unknown document id 'd99'"):
+    pairs.RetrievalCorpus.prepare(tmp_path / "cq.jsonl", tmp_path / "cd.jsonl", bad,
+                                  tmp_path / "c", batch_size=4, **kw)
 
 
 def test_pairs_from_tfds(tmp_path, gt_model_dir):

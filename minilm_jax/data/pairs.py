@@ -73,11 +73,13 @@ class PairBatches(_Batches):
     self.local_batch_size = _check_hosts(batch_size, process_index, process_count)
     if batch_size < 2:
       raise ValueError(f"in-batch negatives need a global batch of at least 2, got {batch_size}")
-    self.roles = roles_of(len(corpora) - 2)
-    if sorted(corpora) != sorted(self.roles):
+    # One role alone (the queries or the documents of a RetrievalCorpus), or whole rows.
+    self.roles = list(corpora) if len(corpora) == 1 else roles_of(len(corpora) - 2)
+    if sorted(corpora) != sorted(self.roles) or (
+        len(corpora) == 1 and self.roles[0] not in ("anchor", "positive")):
       raise ValueError(f"pair corpora {sorted(corpora)}; expected roles {self.roles}")
     self.corpora = {r: corpora[r] for r in self.roles}
-    self.n = self.corpora["anchor"].num_examples
+    self.n = self.corpora[self.roles[0]].num_examples
     self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
     self.buckets, self.process_index, self.pad_id = tuple(buckets), process_index, pad_id
     self._bucket = {r: _bucket_of(p.lengths(), self.buckets, p.path)
@@ -192,14 +194,18 @@ class MixedPairBatches(_Batches):
 
 
 class EvalSets:
-  """Evaluation sets read as one: `{name: (kind, PairBatches)}`, kind "sts" (anchor and
-  positive sentences, anchor labels the gold scores) or "retrieval" (anchor a query, positive
-  its relevant document; the documents are the distinct positives, by text id). Each batch
-  carries `eval_set`, its set's position, for `contrastive.objective`'s metrics."""
+  """Evaluation sets read as one: `{name: (kind, what)}`:
+    "sts"        a PairBatches of (sentence, sentence) rows, anchor labels the gold scores;
+    "retrieval"  a PairBatches of (query, relevant document) rows: each query ranks the set's
+                 distinct documents (by text id);
+    "corpus"     a `RetrievalCorpus`: queries and documents with ids and qrels, as
+                 sentence-transformers' InformationRetrievalEvaluator takes them.
+  Each batch carries `eval_set` (the set's position) and `eval_part` (0 queries or pairs, 1
+  corpus documents), for `contrastive.objective`'s metrics."""
 
-  KINDS = ("sts", "retrieval")
+  KINDS = ("sts", "retrieval", "corpus")
 
-  def __init__(self, sets: dict[str, tuple[str, PairBatches]]):
+  def __init__(self, sets: dict[str, tuple[str, object]]):
     for name, (kind, _) in sets.items():
       if kind not in self.KINDS:
         raise ValueError(f"eval set {name!r}: kind {kind!r}, one of {self.KINDS}")
@@ -209,7 +215,64 @@ class EvalSets:
   def kinds(self) -> list[tuple[str, str]]:
     return [(name, kind) for name, (kind, _) in self.sets.items()]
 
+  def relevant(self, i: int) -> list[list[int]] | None:
+    kind, what = list(self.sets.values())[i]
+    return what.relevant if kind == "corpus" else None
+
   def iter_epoch(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    for i, (_, batches) in enumerate(self.sets.values()):
-      for batch in batches.iter_epoch(epoch):
-        yield {**batch, "eval_set": np.full(len(batch["weights"]), i, np.int32)}
+    for i, (kind, what) in enumerate(self.sets.values()):
+      parts = (what.queries, what.documents) if kind == "corpus" else (what,)
+      for part, batches in enumerate(parts):
+        for batch in batches.iter_epoch(epoch):
+          n = len(batch["weights"])
+          yield {**batch, "eval_set": np.full(n, i, np.int32),
+                 "eval_part": np.full(n, part, np.int32)}
+
+
+def _ids(path: Path, column: str) -> list[str]:
+  from minilm_jax.data.files import _check_columns, _jsonl_records
+  out = []
+  for line, rec in _jsonl_records(path, "utf-8"):
+    _check_columns(path, line, rec, [column])
+    out.append(str(rec[column]))
+  return out
+
+
+@dataclasses.dataclass
+class RetrievalCorpus:
+  """Queries and documents (JSONL rows with an id and a text column, each prepared as its own
+  corpus) and qrels (JSONL rows: query id, document id[, score > 0 = relevant]); `relevant[q]`
+  lists the document record indices relevant to query record q."""
+  queries: PairBatches
+  documents: PairBatches
+  relevant: list[list[int]]
+
+  @classmethod
+  def prepare(cls, queries: str | Path, documents: str | Path, qrels: str | Path,
+              out_dir: str | Path, *, batch_size: int, id_column: str = "id",
+              text_column: str = "text", tokenizer_path, max_length: int, beam_args=None,
+              resume: bool = False, **batch_kw) -> RetrievalCorpus:
+    parts = {}
+    for role, path in (("anchor", queries), ("positive", documents)):
+      corpus = prepare.prepare_once(Source("jsonl", paths=(str(path),), text_column=text_column),
+                                    Path(out_dir) / role, tokenizer_path=tokenizer_path,
+                                    max_length=max_length, beam_args=beam_args, resume=resume)
+      parts[role] = (PairBatches({role: corpus}, batch_size=batch_size, shuffle=False,
+                                 **batch_kw), _ids(Path(path), id_column))
+    q_index = {q: i for i, q in enumerate(parts["anchor"][1])}
+    d_index = {d: i for i, d in enumerate(parts["positive"][1])}
+    relevant: list[list[int]] = [[] for _ in q_index]
+    from minilm_jax.data.files import _check_columns, _jsonl_records
+    for line, rec in _jsonl_records(Path(qrels), "utf-8"):
+      _check_columns(qrels, line, rec, ["query_id", "doc_id"])
+      q, d = str(rec["query_id"]), str(rec["doc_id"])
+      for what, key, index in (("query", q, q_index), ("document", d, d_index)):
+        if key not in index:
+          raise ValueError(f"{qrels}, line {line}: unknown {what} id {key!r}")
+      if float(rec.get("score", 1)) > 0:
+        relevant[q_index[q]].append(d_index[d])
+    keep = [i for i, r in enumerate(relevant) if r]
+    if len(keep) != len(relevant):  # as InformationRetrievalEvaluator: queries with a qrel
+      raise ValueError(f"{qrels}: {len(relevant) - len(keep)} of {len(relevant)} queries in "
+                       f"{queries} have no relevant document")
+    return cls(parts["anchor"][0], parts["positive"][0], relevant)
