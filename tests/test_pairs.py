@@ -205,3 +205,23 @@ def test_pairs_from_tfds(tmp_path, gt_model_dir):
     with pytest.raises(ValueError, match=r"glue/stsb \[train\] example 0: no feature 'nope'"):
       pairs.prepare_pairs(src, {"anchor": "nope", "positive": "sentence2"}, tmp_path / "q",
                           tokenizer_path=gt_model_dir, max_length=16, beam_args=IN_PROCESS)
+
+
+def test_pairs_from_csv_with_configurable_columns(tmp_path, gt_model_dir):
+  import csv
+  rows = [{"question": f"q {w}", "answer": f"a {w}", "wrong": f"n {w}"}
+          for w in ("cat", "dog", "mat", "world")]
+  with open(tmp_path / "t.csv", "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=["question", "answer", "wrong"])
+    w.writeheader()
+    w.writerows(rows)
+  corpora = pairs.prepare_pairs(data.Source("csv", paths=(str(tmp_path / "t.csv"),)),
+                                {"anchor": "question", "positive": "answer",
+                                 "negative_1": "wrong"}, tmp_path / "p",
+                                tokenizer_path=gt_model_dir, max_length=16, beam_args=IN_PROCESS)
+  tok = tokenizer.load(gt_model_dir)
+  batch = next(pairs.PairBatches(corpora, batch_size=4, shuffle=False).iter_epoch())
+  for r, row in enumerate(rows):
+    want = tok([row["wrong"]], max_length=16, padding="do_not_pad")["input_ids"][0]
+    assert batch["negative_input_ids"][r, 0, :len(want)].tolist() == want
+  assert len(set(batch["anchor_text_id"].tolist())) == 4
