@@ -23,7 +23,9 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from minilm_jax.data import prepare, shards
+from minilm_jax.data import prepare as prepare_lib
+from minilm_jax.data import shards
+from minilm_jax.data.files import _check_columns, _jsonl_records
 from minilm_jax.data.pipeline import _Batches, _bucket_of, _check_hosts
 from minilm_jax.data.sources import Source
 
@@ -50,7 +52,7 @@ def prepare_pairs(source: Source, columns: dict[str, str], out_dir: str | Path, 
         source, **column, pair_column=None, drop_empty=False,
         label_column=label_column if role == "anchor" else None,
         regression=label_column is not None and role == "anchor", label_names=None)
-    out[role] = prepare.prepare_once(role_source, Path(out_dir) / role,
+    out[role] = prepare_lib.prepare_once(role_source, Path(out_dir) / role,
                                      tokenizer_path=tokenizer_path, max_length=max_length,
                                      beam_args=beam_args, resume=resume)
   counts = {role: p.num_examples for role, p in out.items()}
@@ -230,7 +232,6 @@ class EvalSets:
 
 
 def _ids(path: Path, column: str) -> list[str]:
-  from minilm_jax.data.files import _check_columns, _jsonl_records
   out = []
   for line, rec in _jsonl_records(path, "utf-8"):
     _check_columns(path, line, rec, [column])
@@ -254,15 +255,15 @@ class RetrievalCorpus:
               resume: bool = False, **batch_kw) -> RetrievalCorpus:
     parts = {}
     for role, path in (("anchor", queries), ("positive", documents)):
-      corpus = prepare.prepare_once(Source("jsonl", paths=(str(path),), text_column=text_column),
-                                    Path(out_dir) / role, tokenizer_path=tokenizer_path,
-                                    max_length=max_length, beam_args=beam_args, resume=resume)
+      source = Source("jsonl", paths=(str(path),), text_column=text_column)
+      corpus = prepare_lib.prepare_once(source, Path(out_dir) / role,
+                                        tokenizer_path=tokenizer_path, max_length=max_length,
+                                        beam_args=beam_args, resume=resume)
       parts[role] = (PairBatches({role: corpus}, batch_size=batch_size, shuffle=False,
                                  **batch_kw), _ids(Path(path), id_column))
     q_index = {q: i for i, q in enumerate(parts["anchor"][1])}
     d_index = {d: i for i, d in enumerate(parts["positive"][1])}
     relevant: list[list[int]] = [[] for _ in q_index]
-    from minilm_jax.data.files import _check_columns, _jsonl_records
     for line, rec in _jsonl_records(Path(qrels), "utf-8"):
       _check_columns(qrels, line, rec, ["query_id", "doc_id"])
       q, d = str(rec["query_id"]), str(rec["doc_id"])
