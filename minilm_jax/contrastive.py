@@ -29,8 +29,6 @@ from minilm_jax.model import encoder_of
 from minilm_jax.pooling import Pooling
 from minilm_jax.trainer import Objective
 
-ROLES = ("anchor", "positive", "negative")
-
 
 @dataclasses.dataclass(frozen=True)
 class ContrastiveConfig:
@@ -41,12 +39,17 @@ class ContrastiveConfig:
   mask_duplicates: bool = True               # mask same-text candidates (false negatives)
 
 
+def _blocks(x: jax.Array) -> jax.Array:
+  """(B, K, ...) -> (K*B, ...): all first negatives, then all second ones, ..."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
 def role_arrays(batch: dict, role: str) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(ids, mask, types) of one role, (N, T); negatives (B, K, T) flattened block by block (all
   first negatives, then all second ones, ...), the order of the candidates."""
   arrays = tuple(batch[f"{role}_{k}"] for k in ("input_ids", "attention_mask", "token_type_ids"))
   if arrays[0].ndim == 3:
-    arrays = tuple(jnp.swapaxes(x, 0, 1).reshape(-1, x.shape[-1]) for x in arrays)
+    arrays = tuple(_blocks(x) for x in arrays)
   return arrays
 
 
@@ -68,7 +71,7 @@ def _role_rng(rng, i: int):
 def candidate_ids(batch: dict) -> jnp.ndarray:
   ids = [batch["positive_text_id"]]
   if "negative_text_id" in batch:
-    ids.append(jnp.swapaxes(batch["negative_text_id"], 0, 1).reshape(-1))
+    ids.append(_blocks(batch["negative_text_id"]))
   return jnp.concatenate(ids)
 
 
@@ -127,7 +130,7 @@ def objective(pooling: Pooling, cfg: ContrastiveConfig = ContrastiveConfig(), *,
             for r in ("anchor", "positive"))
     a = jnp.zeros_like(p) if a is None else a
     p = jnp.zeros_like(a) if p is None else p
-    cos = jnp.sum(losses._normalize(a) * losses._normalize(p), axis=-1)
+    cos = jnp.sum(losses.l2_normalize(a) * losses.l2_normalize(p), axis=-1)
     return {"anchor": a, "positive": p, "cosine": cos, "eval_set": batch["eval_set"],
             "eval_part": batch["eval_part"],
             "positive_text_id": batch.get("positive_text_id", jnp.zeros(b, jnp.int32))}
@@ -140,9 +143,10 @@ def objective(pooling: Pooling, cfg: ContrastiveConfig = ContrastiveConfig(), *,
       if kind == "sts":
         res[f"{name}/spearman"] = metrics.spearman(out["cosine"][rows], out["_labels"][rows])
         continue
-      if kind == "corpus":  # record order, queries (part 0) then documents (part 1)
-        part = lambda k, key: out[key][rows & (out["eval_part"] == k)][
-            np.argsort(out["_index"][rows & (out["eval_part"] == k)], kind="stable")]
+      if kind == "corpus":  # in record order: queries (part 0), documents (part 1)
+        def part(k, key):
+          sel = rows & (out["eval_part"] == k)
+          return out[key][sel][np.argsort(out["_index"][sel], kind="stable")]
         q, d, relevant = part(0, "anchor"), part(1, "positive"), eval_sets.relevant(i)
       else:
         _, first, which = np.unique(out["positive_text_id"][rows], return_index=True,

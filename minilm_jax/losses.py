@@ -261,9 +261,10 @@ def minilm_v2_loss(t_q: jax.Array, t_k: jax.Array, t_v: jax.Array, s_q: jax.Arra
 
 # --- contrastive sentence embeddings (sentence-transformers' losses) --------------------------
 
-def _normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """x / max(||x||, 1e-12) over the last axis, in float32: torch.nn.functional.normalize."""
   x = _f32(x)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # F.normalize
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def in_batch_negatives(anchors: jax.Array, candidates: jax.Array, *, scale: float = 20.0,
@@ -286,7 +287,7 @@ def in_batch_negatives(anchors: jax.Array, candidates: jax.Array, *, scale: floa
   b = anchors.shape[0]
   if b < 2:
     raise ValueError(f"in-batch negatives need a batch of at least 2, got {b}")
-  a, c = _normalize(anchors), _normalize(candidates)
+  a, c = l2_normalize(anchors), l2_normalize(candidates)
   scores = scale * (a @ c.T)                                           # (B, K*B)
   eye = jnp.eye(b, scores.shape[1], dtype=bool)
   drop = jnp.zeros_like(eye)

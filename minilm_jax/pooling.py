@@ -20,6 +20,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from minilm_jax import losses
+
 MODES = ("mean", "cls", "max")
 # 1_Pooling/config.json's key for each mode (sentence-transformers spells the CLS one singular).
 _KEYS = {"mean": "pooling_mode_mean_tokens", "cls": "pooling_mode_cls_token",
@@ -46,9 +48,7 @@ class Pooling:
       out = h[:, 0]
     else:                    # padding set to -1e9 before the max, as Pooling does
       out = jnp.where(m > 0, h, -1e9).max(1)
-    if self.normalize:       # torch.nn.functional.normalize: x / max(||x||, 1e-12)
-      out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
-    return out
+    return losses.l2_normalize(out) if self.normalize else out
 
 
 def read(model_dir: str | Path) -> Pooling:

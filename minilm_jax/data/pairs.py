@@ -26,7 +26,7 @@ import numpy as np
 from minilm_jax.data import prepare as prepare_lib
 from minilm_jax.data import shards
 from minilm_jax.data.files import _check_columns, _jsonl_records
-from minilm_jax.data.pipeline import _Batches, _bucket_of, _check_hosts
+from minilm_jax.data.pipeline import _Batches, _bucket_of, _check_hosts, _padded_rows
 from minilm_jax.data.sources import Source
 
 
@@ -53,8 +53,8 @@ def prepare_pairs(source: Source, columns: dict[str, str], out_dir: str | Path, 
         label_column=label_column if role == "anchor" else None,
         regression=label_column is not None and role == "anchor", label_names=None)
     out[role] = prepare_lib.prepare_once(role_source, Path(out_dir) / role,
-                                     tokenizer_path=tokenizer_path, max_length=max_length,
-                                     beam_args=beam_args, resume=resume)
+                                         tokenizer_path=tokenizer_path, max_length=max_length,
+                                         beam_args=beam_args, resume=resume)
   counts = {role: p.num_examples for role, p in out.items()}
   if len(set(counts.values())) != 1:
     raise shards.PreparedError(f"{out_dir}: roles prepared with different row counts {counts}")
@@ -108,36 +108,29 @@ class PairBatches(_Batches):
     lo = self.process_index * self.local_batch_size
     mine = rows[lo:lo + self.local_batch_size]
     real = mine >= 0
-    batch = {"weights": real.astype(np.float32), "index": mine.astype(np.int32),
-             "labels": np.zeros(len(mine), np.float32)}
-    negatives = []
+    batch = {"weights": real.astype(np.float32), "index": mine.astype(np.int32)}
+    # Each role padded to the bucket of the global batch's longest text (the same on every
+    # host); the negatives to their longest, stacked (B, K, T).
+    width = {r: self.buckets[int(self._bucket[r][keys].max())] for r in self.roles}
+    negatives = [r for r in self.roles if r.startswith("negative_")]
+    if negatives:
+      width.update(dict.fromkeys(negatives, max(width[r] for r in negatives)))
+    parts = {}
     for role in self.roles:
-      length = self.buckets[int(self._bucket[role][keys].max())]  # global: same on every host
-      arrays = {k: np.zeros((len(mine), length), np.int32)
-                for k in ("input_ids", "attention_mask", "token_type_ids")}
-      arrays["input_ids"][:] = self.pad_id
-      text_id = np.full(len(mine), -1, np.int32)  # padding rows: no text
       records = self._sources[role].__getitems__(mine[real]) if real.any() else []
-      for r, rec in zip(np.flatnonzero(real), records, strict=True):
-        ids, types, label = shards.decode_record(rec)
-        arrays["input_ids"][r, :len(ids)] = ids
-        arrays["token_type_ids"][r, :len(ids)] = types
-        arrays["attention_mask"][r, :len(ids)] = 1
-        if role == "anchor" and not np.isnan(label):
-          batch["labels"][r] = label
+      parts[role] = _padded_rows(records, mine, width[role], self.pad_id)
+      text_id = np.full(len(mine), -1, np.int32)  # padding rows: no text
       text_id[real] = _text_ids(records)
-      arrays["text_id"] = text_id
-      if role.startswith("negative_"):
-        negatives.append(arrays)
-      else:
-        batch.update({f"{role}_{k}": v for k, v in arrays.items()})
-    if negatives:  # (B, K, T): negatives padded to their longest bucket
-      width = max(a["input_ids"].shape[1] for a in negatives)
-      for k in ("input_ids", "attention_mask", "token_type_ids"):
-        fill = self.pad_id if k == "input_ids" else 0
-        batch[f"negative_{k}"] = np.stack([np.pad(a[k], ((0, 0), (0, width - a[k].shape[1])),
-                                                  constant_values=fill) for a in negatives], 1)
-      batch["negative_text_id"] = np.stack([a["text_id"] for a in negatives], 1)
+      parts[role]["text_id"] = text_id
+      labels = parts[role].pop("labels")
+      if role == "anchor" or len(self.roles) == 1:
+        batch["labels"] = labels  # the anchors' (e.g. STS scores)
+    for role in ("anchor", "positive"):
+      if role in parts:
+        batch.update({f"{role}_{k}": v for k, v in parts[role].items()})
+    if negatives:
+      batch.update({f"negative_{k}": np.stack([parts[r][k] for r in negatives], 1)
+                    for k in parts[negatives[0]]})
     return batch
 
   def iter_epoch(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:

@@ -85,6 +85,23 @@ def _bucket_of(lengths: np.ndarray, buckets: Sequence[int], where) -> np.ndarray
   return np.searchsorted(np.asarray(buckets), lengths, side="left").astype(np.int8)
 
 
+def _padded_rows(records: Sequence[bytes], rows: np.ndarray, length: int, pad_id: int,
+                 label_dtype=np.float32) -> dict[str, np.ndarray]:
+  """input_ids / attention_mask / token_type_ids (len(rows), length) and labels (NaN -> 0) of
+  `records`, one for each real row (rows >= 0) in order; dummy rows stay padding."""
+  b = len(rows)
+  out = {"input_ids": np.full((b, length), pad_id, np.int32),
+         "attention_mask": np.zeros((b, length), np.int32),
+         "token_type_ids": np.zeros((b, length), np.int32), "labels": np.zeros(b, label_dtype)}
+  for r, rec in zip(np.flatnonzero(rows >= 0), records, strict=True):
+    ids, types, label = shards.decode_record(rec)
+    out["input_ids"][r, :len(ids)] = ids
+    out["token_type_ids"][r, :len(ids)] = types
+    out["attention_mask"][r, :len(ids)] = 1
+    out["labels"][r] = 0 if np.isnan(label) else label
+  return out
+
+
 class _PlanIterator(grain.DatasetIterator):
   """Global batches of keys, by bucket, as the keys come in shuffled order; the remainders of
   the buckets share the last batches of an epoch (shortest first), padded with -1.
@@ -209,22 +226,11 @@ class BucketedBatches(_Batches):
     length = self.buckets[int(self._bucket[rows[real_all] - self.start].max())]
     lo = self.process_index * self.local_batch_size
     rows = rows[lo:lo + self.local_batch_size]
-    b, real = len(rows), rows >= 0
-    input_ids = np.full((b, length), self.pad_id, np.int32)
-    attention_mask = np.zeros((b, length), np.int32)
-    token_type_ids = np.zeros((b, length), np.int32)
-    labels = np.zeros(b, self.label_dtype)
+    real = rows >= 0
     keys = [int(k) for k in rows[real]]
-    for r, rec in zip(np.flatnonzero(real), self._source.__getitems__(keys) if keys else [],
-                      strict=True):
-      ids, types, label = shards.decode_record(rec)
-      input_ids[r, :len(ids)] = ids
-      token_type_ids[r, :len(ids)] = types
-      attention_mask[r, :len(ids)] = 1
-      labels[r] = 0 if np.isnan(label) else label
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "token_type_ids": token_type_ids, "labels": labels,
-            "weights": real.astype(np.float32), "index": rows.astype(np.int32)}
+    batch = _padded_rows(self._source.__getitems__(keys) if keys else [], rows, length,
+                         self.pad_id, self.label_dtype)
+    return {**batch, "weights": real.astype(np.float32), "index": rows.astype(np.int32)}
 
   def iter_epoch(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """One epoch's batches (evaluation: shuffle=False)."""
