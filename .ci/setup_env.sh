@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 kind=${1:-runtime}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+# No wheel cache: on a fresh machine the cache only doubles the disk the install needs (a CI run
+# once failed with "No space left on device" while installing).
+export PIP_NO_CACHE_DIR=1
 pip() { .venv/bin/python -m pip "$@"; }
 stamp=.venv/.minilm_jax-$kind
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
