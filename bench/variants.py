@@ -30,9 +30,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from minilm_jax import attention as A
 from minilm_jax import heads as H
 from minilm_jax import model as M
+from minilm_jax.attention import as_mask
+from minilm_jax.attention import xla as A
 
 _ORIGINAL = {"attn_call": M.Attention.__call__, "dropout": M.dropout}
 
@@ -51,7 +52,8 @@ def _attention_core(cfg, q, k, v, bias, dropout_rng, layout: str):
 
 
 def _make_call(fused: bool, layout: str):
-  def __call__(self, x, bias, dropout_rng, core=None):
+  def __call__(self, x, mask, dropout_rng, core=None):
+    bias = as_mask(mask).bias
     cfg = self.cfg
     dt = cfg.compute_dtype
     out_eqn = "BTD,DNH->BTNH" if layout == "BTNH" else "BTD,DNH->BNTH"
@@ -81,9 +83,10 @@ def _make_call(fused: bool, layout: str):
   return __call__
 
 
-def _softmax_bsnh_call(self, x, bias, dropout_rng, core=None):
+def _softmax_bsnh_call(self, x, mask, dropout_rng, core=None):
   """The library's attention before it moved to heads-major operands and deferred
   normalisation: (B,T,N,H) einsums around a full softmax."""
+  bias = as_mask(mask).bias
   cfg = self.cfg
   q, k, v = self.q(x), self.k(x), self.v(x)
   logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
@@ -94,7 +97,8 @@ def _softmax_bsnh_call(self, x, bias, dropout_rng, core=None):
   return self.o(ctx), {"q": q, "k": k, "v": v, "attention_logits": logits}
 
 
-def _dpa_call(self, x, bias, dropout_rng, core=None):
+def _dpa_call(self, x, mask, dropout_rng, core=None):
+  bias = as_mask(mask).bias
   cfg = self.cfg
   if dropout_rng is not None and cfg.attention_dropout > 0:
     raise ValueError("variant dpa has no attention dropout; use it for inference only")
@@ -150,7 +154,7 @@ def apply(name: str) -> None:
 
 
 def _patch_dropout(fn) -> None:
-  # model.py, attention.py and heads.py look `dropout` up as a module global at call time.
+  # model.py, attention/xla.py and heads.py look `dropout` up as a module global at call time.
   M.dropout = fn
   A.dropout = fn
   H.dropout = fn

@@ -46,9 +46,12 @@ class ModelConfig:
   # statistics are always float32.
   dtype: str = "float32"
   param_dtype: str = "float32"
-  # "xla": einsum attention (intermediates include attention logits); "cudnn": fused kernel via
-  # jax.nn.dot_product_attention, for GPUs.
-  attention_impl: Literal["xla", "cudnn"] = "xla"
+  # The attention kernel (minilm_jax/attention): "auto" picks per backend (splash on TPU, cuDNN
+  # on GPU where they apply, XLA otherwise); "xla" (einsums, with the attention logits among the
+  # intermediates), "splash" (Pallas, TPU) and "cudnn" (GPU) force one.
+  attention_impl: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+  # Run Pallas kernels (splash) in Pallas' interpreter: any backend, slowly; for tests.
+  pallas_interpret: bool = False
   # "xla" attention without dropout loops over blocks of this many queries (attention.attend);
   # 0 computes all queries at once. None: 128 on CPU, where blocks halve the bf16 attention time,
   # 0 on GPU/TPU, whose compilers fuse the dense core (a CPU trick never runs there by default).
@@ -67,6 +70,9 @@ class ModelConfig:
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(
             f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
+    if self.attention_impl not in ("auto", "xla", "splash", "cudnn"):
+      raise ValueError(f"attention_impl must be one of auto, xla, splash, cudnn; got "
+                       f"{self.attention_impl!r}")
     if self.attention_query_block is not None and self.attention_query_block < 0:
       raise ValueError(
           f"attention_query_block must be >= 0 or None, got {self.attention_query_block}")

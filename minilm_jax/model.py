@@ -26,8 +26,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from minilm_jax import packing, sharding
-from minilm_jax.attention import attend, attention_bias, cast_bias
+from minilm_jax import attention, packing, sharding
 from minilm_jax.config import ModelConfig
 from minilm_jax.ops import dropout, matmul
 
@@ -117,23 +116,16 @@ class Attention(nnx.Module):
     self.o = Dense(cfg, "BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), (d,), ("embed",),
                    rngs=rngs)
 
-  def __call__(self, x: Array, bias: Array | None, dropout_rng, core=None) -> tuple[Array, dict]:
-    """`core(q, k, v, rng) -> (context (B,T,N,H), extra dict)` replaces the attention over
-    `bias` (which it then ignores); its extras join the intermediates."""
-    cfg = self.cfg
+  def __call__(self, x: Array, mask, dropout_rng, core=None) -> tuple[Array, dict]:
+    """Attention over `mask` (an `attention.Mask`, a bare additive bias, or None), by the
+    config's kernel (`attention.attend`). `core(q, k, v, rng) -> (context (B,T,N,H), extra
+    dict)` replaces it (and ignores `mask`); its extras join the intermediates."""
     q, k, v = self.q(x), self.k(x), self.v(x)  # (B,T,N,H) each
-    inter = {"q": q, "k": k, "v": v}
-    if core is not None:
-      ctx, extra = core(q, k, v, dropout_rng)
-      inter.update(extra)
-    elif cfg.attention_impl == "cudnn":
-      if dropout_rng is not None and cfg.attention_dropout > 0:
-        raise ValueError("attention_impl='cudnn' has no attention dropout; set attention_dropout=0")
-      ctx = jax.nn.dot_product_attention(q, k, v, bias=cast_bias(bias, q.dtype),
-                                         implementation="cudnn")
+    if core is None:
+      ctx, extra = attention.attend(q, k, v, mask, self.cfg, dropout_rng)
     else:
-      ctx, inter["attention_logits"] = attend(q, k, v, bias, cfg, dropout_rng)
-    return self.o(ctx), inter
+      ctx, extra = core(q, k, v, dropout_rng)
+    return self.o(ctx), {"q": q, "k": k, "v": v, **extra}
 
 
 class MLP(nnx.Module):
@@ -157,9 +149,9 @@ class Layer(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
     self.mlp_ln = LayerNorm(cfg, rngs=rngs)
 
-  def __call__(self, x: Array, bias: Array | None, dropout_rng, core=None) -> tuple[Array, dict]:
+  def __call__(self, x: Array, mask, dropout_rng, core=None) -> tuple[Array, dict]:
     r = jax.random.split(dropout_rng, 3) if dropout_rng is not None else (None,) * 3
-    a, inter = self.attn(x, bias, r[0], core)
+    a, inter = self.attn(x, mask, r[0], core)
     x = self.attn_ln(x + dropout(a, self.cfg.hidden_dropout, r[1]))
     x = self.mlp_ln(x + dropout(self.mlp(x), self.cfg.hidden_dropout, r[2]))
     return x, inter
@@ -203,7 +195,6 @@ class Encoder(nnx.Module):
     if segment_ids is not None:
       if attention_mask is not None:
         raise ValueError("pass attention_mask or segment_ids (packed rows), not both")
-      attention_mask = packing.segment_mask(segment_ids)
       if position_ids is None:
         position_ids = self.position_ids(input_ids, packing.segment_positions(segment_ids))
     if input_ids.ndim != 2:
@@ -215,23 +206,24 @@ class Encoder(nnx.Module):
           f"{cfg.max_length} tokens (max_position_embeddings={cfg.max_position_embeddings})")
     if depth is not None and not 0 <= depth <= cfg.num_layers:
       raise ValueError(f"depth {depth} is outside 0..{cfg.num_layers} layers")
-    if attention_mask is None:
+    if attention_mask is None and segment_ids is None:
       attention_mask = jnp.ones_like(input_ids)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     if position_ids is None:
       position_ids = self.position_ids(input_ids)
-    inputs = (input_ids, attention_mask, token_type_ids, position_ids)
+    masks = {"attention_mask": attention_mask} if segment_ids is None else {
+        "segment_ids": segment_ids}
+    inputs = (input_ids, masks, token_type_ids, position_ids)
     chunks = 1 if dropout_rng is not None else inference_chunks(cfg, *input_ids.shape)
     if chunks == 1:
       return self._forward(*inputs, dropout_rng, depth)
     return _over_batch_chunks(lambda xs: self._forward(*xs, None, depth), inputs, chunks)
 
-  def _forward(self, input_ids, attention_mask, token_type_ids, position_ids, dropout_rng,
-               depth):
+  def _forward(self, input_ids, masks, token_type_ids, position_ids, dropout_rng, depth):
     keys = self.dropout_keys(dropout_rng)
     x = self.embed(input_ids, token_type_ids, position_ids, keys[0])
-    x, out = self.layer_stack(x, attention_bias(attention_mask), keys[1:], depth=depth)
+    x, out = self.layer_stack(x, attention.Mask.of(**masks), keys[1:], depth=depth)
     if self.cfg.use_pooler and depth in (None, self.cfg.num_layers):
       out["pooled"] = jnp.tanh(self.pooler(x[:, 0]))
     return x, out
@@ -241,21 +233,22 @@ class Encoder(nnx.Module):
     n = self.cfg.num_layers + 1
     return list(jax.random.split(dropout_rng, n)) if dropout_rng is not None else [None] * n
 
-  def layer_stack(self, x: Array, bias: Array | None, keys, *, core=None,
+  def layer_stack(self, x: Array, mask, keys, *, core=None,
                   depth: int | None = None) -> tuple[Array, dict]:
     """The Transformer layers over embeddings `x` -> (hidden, intermediates with the embeddings
-    as hidden_states[0]). `keys`: one dropout key (or None) per layer. `core(i, q, k, v, rng) ->
-    (context, extra)` replaces layer i's attention over `bias`."""
+    as hidden_states[0]). `mask`: an `attention.Mask`, a bare additive bias or None. `keys`: one
+    dropout key (or None) per layer. `core(i, q, k, v, rng) -> (context, extra)` replaces layer
+    i's attention over `mask`."""
     cfg = self.cfg
     x = sharding.constrain(x, HIDDEN_AXES)
     out = {"hidden_states": [x], "q": [], "k": [], "v": [], "attention_logits": []}
 
-    def run(layer, x, bias, rng, layer_core):
-      return layer(x, bias, rng, layer_core)
+    def run(layer, x, mask, rng, layer_core):
+      return layer(x, mask, rng, layer_core)
     if cfg.remat:
       run = nnx.remat(run, static_argnums=(4,))
     for i, (layer, key) in enumerate(zip(self.layers[:depth], keys)):
-      x, inter = run(layer, x, bias, key, None if core is None else functools.partial(core, i))
+      x, inter = run(layer, x, mask, key, None if core is None else functools.partial(core, i))
       x = sharding.constrain(x, HIDDEN_AXES)
       out["hidden_states"].append(x)
       for name, value in inter.items():
@@ -281,7 +274,7 @@ def inference_chunks(cfg: ModelConfig, batch: int, seq: int) -> int:
   inference 1.3x faster at S128 and 1.2x at S512 in bf16, 1.1x in float32 (bench/README.md)."""
   tokens = cfg.inference_chunk_tokens
   if tokens is None:
-    tokens = 2048 if jax.default_backend() == "cpu" else 0
+    tokens = 2048 if attention.platform() == "cpu" else 0
   if not tokens:
     return 1
   return max(1, min(batch, -(-batch * seq // tokens)))

@@ -109,6 +109,24 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
       x, NamedSharding(mesh, logical_to_spec(axes, x.shape, rules, mesh)))
 
 
+def per_batch_shard(fn):
+  """`fn` (arrays with a leading batch axis -> one such array) run on each device's rows via
+  `shard_map` under the active mesh, for kernels GSPMD cannot partition (a Pallas call would be
+  gathered onto every device); `fn` itself outside `activation_sharding` or on one device."""
+  def run(*args):
+    active = getattr(_ACTIVE, "value", None)
+    if active is None or active[0].size == 1:
+      return fn(*args)
+    mesh = active[0]
+    axes = tuple(a for a in BATCH_AXES if args[0].shape[0] % _axis_size(mesh, a) == 0)
+    if args[0].shape[0] % _axis_size(mesh, axes):
+      return fn(*args)
+    spec = P(axes)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec,
+                         check_vma=False)(*args)
+  return run
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -178,3 +179,16 @@ def torch_forward(model, batch: dict[str, np.ndarray], **kw):
 
 def torch_state(model) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def count_loops(jaxpr) -> int:
+  """while/scan loops in a jaxpr and its sub-jaxprs, not counting a Pallas kernel's body (its
+  grid loops are the kernel's own)."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      continue
+    n += eqn.primitive.name in ("while", "scan")
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      n += count_loops(sub)
+  return n

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_batch, tiny_roberta
+from conftest import count_loops, random_batch, tiny_roberta
 
-from minilm_jax.attention import attend, attention_bias, cast_bias, mask_value
+from minilm_jax.attention import attention_bias, cast_bias, mask_value
+from minilm_jax.attention import xla_attention as attend
 from minilm_jax.heads import MaskedLM, SequenceClassifier, SpanQA
 from minilm_jax.model import Encoder, inference_chunks
 from minilm_jax.ops import matmul
@@ -299,15 +300,15 @@ def test_fully_padded_row_gives_no_nan(tiny_cfg, path, dtype):
 def _loops(fn, *args) -> int:
   # A fresh function per trace: make_jaxpr caches traces by function, and the backend is read
   # while tracing.
-  jaxpr = str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
-  return jaxpr.count("scan[") + jaxpr.count("while[")
+  return count_loops(jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr)
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_no_cpu_loops_on_accelerators_by_default(tiny_cfg, batch, monkeypatch, backend):
   """Query blocks and inference chunks (lax.map loops tuned for XLA:CPU) run only on CPU by
   default: traced as for a GPU/TPU, the inference forward and the train step's forward have no
-  loop; on CPU both loops are there, and an explicit attention_query_block is kept anywhere."""
+  loop (on a TPU the forward runs splash: tests/test_attention.py); on CPU both loops are there,
+  and an explicit attention_query_block of the xla kernel is kept anywhere."""
   cfg = tiny_cfg.replace(inference_chunk_tokens=None, attention_query_block=None)
   enc = Encoder(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(enc)
@@ -318,6 +319,6 @@ def test_no_cpu_loops_on_accelerators_by_default(tiny_cfg, batch, monkeypatch, b
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
   assert _loops(fwd, state, big) == 0
   assert _loops(train, state, big) == 0
-  pinned = Encoder(cfg.replace(attention_query_block=4), rngs=nnx.Rngs(0))
+  pinned = Encoder(cfg.replace(attention_impl="xla", attention_query_block=4), rngs=nnx.Rngs(0))
   g2, s2 = nnx.split(pinned)
   assert _loops(lambda s, b: nnx.merge(g2, s)(**b)[0], s2, big) >= 1

@@ -1,9 +1,9 @@
-"""Scaled dot-product attention on XLA: masks as additive biases, the dense core, and the
-blocked core that serves inference and dropout-free training on CPU.
+"""Attention compiled by XLA itself: masks as additive biases, the dense core, and the blocked
+core that serves inference and dropout-free training on CPU.
 
 Operands are (B,T,N,H) queries and (B,S,N,H) keys and values (axis letters: `model.py`); the
-cores work heads-major. `attend` returns the context and the float32 logits (which XLA drops
-when nobody reads them; distillation does).
+cores work heads-major. `xla_attention` returns the context and the float32 logits (which XLA
+drops when nobody reads them; distillation does).
 """
 
 from __future__ import annotations
@@ -45,17 +45,17 @@ def cast_bias(bias: Array, dtype) -> Array:
   return jnp.maximum(bias, mask_value(dtype)).astype(dtype)
 
 
-def attend(q: Array, k: Array, v: Array, bias: Array, cfg: ModelConfig, dropout_rng
-           ) -> tuple[Array, Array]:
+def xla_attention(q: Array, k: Array, v: Array, bias: Array, cfg: ModelConfig, dropout_rng
+                  ) -> tuple[Array, Array]:
   """Scaled dot-product attention on (B,T,N,H) q and (B,S,N,H) k, v with an additive bias
   broadcastable to (B,N,T,S) -> (context (B,T,N,H) in the compute dtype, float32 logits).
 
   Training with attention dropout runs the dense core, and so does every forward off CPU unless
-  `cfg.attention_query_block` says otherwise (`query_block`). Otherwise the context comes from
-  `_blocked_attention`, which loops over blocks of about that many queries and differentiates
-  as the dense core. The logits come from their own matmul, which XLA drops when
-  the caller ignores them. The cores work on heads-major (B,N,T,H) operands: XLA:CPU runs the
-  batched matmuls without relayouts around them."""
+  `cfg.attention_query_block` says otherwise (`query_block`): the blocks are a CPU trick.
+  Otherwise the context comes from `_blocked_attention`, which loops over blocks of about that
+  many queries and differentiates as the dense core. The logits come from their own matmul,
+  which XLA drops when the caller ignores them. The cores work on heads-major (B,N,T,H)
+  operands: XLA:CPU runs the batched matmuls without relayouts around them."""
   dtype = cfg.compute_dtype
   q, k, v = _bnth(q), _bnth(k), _bnth(v)
   logits = _logits(q, k, bias, dtype)
@@ -72,7 +72,13 @@ def query_block(cfg: ModelConfig) -> int:
   core) on other backends."""
   if cfg.attention_query_block is not None:
     return cfg.attention_query_block
-  return 128 if jax.default_backend() == "cpu" else 0
+  return 128 if platform() == "cpu" else 0
+
+
+def platform() -> str:
+  """The backend the computation being traced will run on ("cpu", "gpu" or "tpu"): what the
+  CPU-only tricks and `attention_impl="auto"` decide by."""
+  return jax.default_backend()
 
 
 def _bnth(a: Array) -> Array:
