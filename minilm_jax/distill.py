@@ -18,7 +18,6 @@ Hidden-state indices (XtremeDistil) count the embedding output as 0 and layer i 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Sequence
 
@@ -178,12 +177,6 @@ def check_minilm_v2(teacher_cfg: ModelConfig, student_cfg: ModelConfig,
                        f"{who}'s hidden size {cfg.hidden_size}")
 
 
-def _attention_logits(q, k):
-  dtype = jnp.promote_types(q.dtype, jnp.float32)
-  q, k = q.astype(dtype), k.astype(dtype)
-  return jnp.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(q.shape[-1])
-
-
 def minilm_v1(teacher: nnx.Module, *, teacher_layer: int = -1, student_layer: int = -1,
               student_cfg: ModelConfig | None = None) -> Objective:
   """MiniLM v1: KL of attention distributions + KL of value relations, teacher layer vs student
@@ -200,10 +193,10 @@ def minilm_v1(teacher: nnx.Module, *, teacher_layer: int = -1, student_layer: in
     if tq.shape[2] != sq.shape[2]:
       check_minilm_v1(encoder_of(teacher).cfg, encoder_of(model).cfg)
     mask, seg = _real(batch), batch.get("segment_ids")
-    # Attention from q/k rather than out["attention_logits"]: the fused (cudnn) attention path
-    # returns no logits. Their sum equals losses.minilm_v1_loss; kept apart for the curves.
-    at = losses.attention_kl(_attention_logits(tq, tk), _attention_logits(sq, sk), mask,
-                             segment_ids=seg)
+    # Attention from q/k rather than out["attention_logits"]: the fused kernels (splash,
+    # cuDNN) return no logits, and q/k let the loss go a chunk of heads at a time. Their sum
+    # equals losses.minilm_v1_loss; kept apart for the curves.
+    at = losses.qk_attention_kl(tq, tk, sq, sk, mask, segment_ids=seg)
     vr = losses.relation_kl(tv, sv, mask, num_relation_heads=None, segment_ids=seg)
     return at + vr, {"attention_kl": at, "value_kl": vr}
 

@@ -154,6 +154,30 @@ def _segments(mask: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
 # (heads x real query positions) per example.
 
 
+# A (B, heads, T, S) float32 logits tensor per side is the loss's memory: at length 512 that is
+# 1 MiB per example and head, 16 GB for one relation of 64 heads at 256 examples per device.
+# `_pairwise_kl` computes the KL a chunk of heads at a time once a chunk would pass this size.
+RELATION_CHUNK_BYTES = 1 << 28
+
+
+def _row_kl_sum(t_logits: jax.Array, s_logits: jax.Array, key_ok: jax.Array) -> jax.Array:
+  """Sum over heads of KL(teacher || student) of row softmaxes: (B, N, T, S) -> (B, T)."""
+  t_logits = jnp.where(key_ok, _f32(t_logits), _MASK_LOGIT)
+  s_logits = jnp.where(key_ok, _f32(s_logits), _MASK_LOGIT)
+  log_pt = jax.nn.log_softmax(t_logits, axis=-1)
+  log_ps = jax.nn.log_softmax(s_logits, axis=-1)
+  # where() instead of relying on 0 * (big - big): keeps values and gradients exactly 0 there.
+  return jnp.where(key_ok, jnp.exp(log_pt) * (log_pt - log_ps), 0.0).sum((1, -1))
+
+
+def _per_example(kl: jax.Array, seg: jax.Array, num_heads: int) -> jax.Array:
+  """(B, T) row KLs summed over heads -> (B,): each segment's rows averaged over heads and its
+  real query positions, then the mean over the row's segments."""
+  length = packing.segment_lengths(seg)  # 0 at padded queries
+  kl = jnp.where(length > 0, kl / jnp.maximum(length, 1.0), 0.0).sum(-1)  # B
+  return kl / (num_heads * jnp.maximum(packing.num_segments(seg), 1.0))
+
+
 def _row_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array,
             segment_ids: jax.Array | None = None) -> jax.Array:
   """KL(teacher || student) of row softmaxes. logits (B, N, T, S), mask (B, T=S) -> (B,).
@@ -164,17 +188,49 @@ def _row_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array,
   row's value is the mean over its segments, each one the unpacked example's loss.
   """
   seg = _segments(mask, segment_ids)
+  kl = _row_kl_sum(t_logits, s_logits, packing.segment_mask(seg)[:, None])
+  return _per_example(kl, seg, t_logits.shape[1])
+
+
+def head_chunk(batch: int, heads: int, length: int, budget: int = RELATION_CHUNK_BYTES) -> int:
+  """Heads per chunk of `_pairwise_kl`: the largest divisor of `heads` whose (batch, chunk,
+  length, length) float32 logits fit `budget` bytes (at least 1)."""
+  per_head = batch * length * length * 4
+  fits = [c for c in range(1, heads + 1) if heads % c == 0 and c * per_head <= budget]
+  return max(fits, default=1)
+
+
+def _pairwise_kl(t: tuple[jax.Array, jax.Array], s: tuple[jax.Array, jax.Array],
+                 mask: jax.Array, segment_ids: jax.Array | None, chunk: int | None
+                 ) -> jax.Array:
+  """KL of softmax(a b^T / sqrt(d)) rows, teacher vs student, over R heads: t = (a, b) with a,
+  b (B, T, R, d_t), s likewise with its own d_s -> (B,) as `_row_kl`.
+
+  `chunk` heads at a time (default `head_chunk`): a `lax.scan` over head chunks whose body is
+  rematerialised, so forward and backward hold one chunk's (B, chunk, T, S) logits, never all R
+  heads'. The gradient is the unchunked loss's (the same sum, in chunk order)."""
+  (ta, tb), (sa, sb) = (tuple(_f32(x) for x in pair) for pair in (t, s))
+  b, length, r, _ = ta.shape
+  seg = _segments(mask, segment_ids)
   key_ok = packing.segment_mask(seg)[:, None]  # B1TS
-  t_logits = jnp.where(key_ok, _f32(t_logits), _MASK_LOGIT)
-  s_logits = jnp.where(key_ok, _f32(s_logits), _MASK_LOGIT)
-  log_pt = jax.nn.log_softmax(t_logits, axis=-1)
-  log_ps = jax.nn.log_softmax(s_logits, axis=-1)
-  # where() instead of relying on 0 * (big - big): keeps values and gradients exactly 0 there.
-  kl = jnp.where(key_ok, jnp.exp(log_pt) * (log_pt - log_ps), 0.0).sum((1, -1))  # BT
-  length = packing.segment_lengths(seg)  # 0 at padded queries
-  kl = jnp.where(length > 0, kl / jnp.maximum(length, 1.0), 0.0).sum(-1)  # B
-  num_heads = t_logits.shape[1]
-  return kl / (num_heads * jnp.maximum(packing.num_segments(seg), 1.0))
+
+  def kl_of(xs):  # a chunk of heads -> (B, T)
+    ta, tb, sa, sb = xs
+    logits = lambda a, b: jnp.einsum("BTRH,BSRH->BRTS", a, b) / math.sqrt(a.shape[-1])  # noqa: E731
+    return _row_kl_sum(logits(ta, tb), logits(sa, sb), key_ok)
+
+  chunk = chunk or head_chunk(b, r, length)
+  if r % chunk:
+    raise ValueError(f"a chunk of {chunk} heads does not divide the {r} relation heads")
+  if chunk == r:
+    kl = kl_of((ta, tb, sa, sb))
+  else:
+    n = r // chunk
+    split = lambda x: jnp.moveaxis(x.reshape(*x.shape[:2], n, chunk, x.shape[-1]), 2, 0)  # noqa: E731
+    step = jax.checkpoint(lambda acc, xs: (acc + kl_of(xs), None))
+    kl, _ = jax.lax.scan(step, jnp.zeros((b, length), ta.dtype),
+                         tuple(split(x) for x in (ta, tb, sa, sb)))
+  return _per_example(kl, seg, r)
 
 
 def attention_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array, *,
@@ -182,7 +238,8 @@ def attention_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array, *,
   """KL between attention distributions given pre-softmax attention logits (B, N, T, S).
 
   Use when the model already returns its attention scores (QK^T / sqrt(d_k)); any mask bias in
-  them is harmless, since padded keys are masked again here. mask (B, T) -> (B,).
+  them is harmless, since padded keys are masked again here. mask (B, T) -> (B,). From q/k,
+  `qk_attention_kl` computes the same without ever holding every head's logits.
   """
   if t_logits.shape[1] != s_logits.shape[1]:
     raise ValueError(f"attention_kl needs equal head counts, got teacher {t_logits.shape[1]} and "
@@ -190,37 +247,47 @@ def attention_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array, *,
   return _row_kl(t_logits, s_logits, mask, segment_ids)
 
 
-def _relation_logits(x: jax.Array, num_relation_heads: int | None, who: str) -> jax.Array:
-  """(B, T, N, H) -> scaled self-relation logits (B, R, T, S) = X X^T / sqrt(d_r) per head."""
-  x = _f32(x)
+def qk_attention_kl(t_q: jax.Array, t_k: jax.Array, s_q: jax.Array, s_k: jax.Array,
+                    mask: jax.Array, *, segment_ids: jax.Array | None = None,
+                    chunk: int | None = None) -> jax.Array:
+  """`attention_kl` of softmax(q k^T / sqrt(d_k)) per head, from (B, T, N, H) q and k of each
+  side, in chunks of heads (`_pairwise_kl`). mask (B, T) -> (B,)."""
+  if t_q.shape[2] != s_q.shape[2]:
+    raise ValueError(f"attention_kl needs equal head counts, got teacher {t_q.shape[2]} and "
+                     f"student {s_q.shape[2]}; use minilm_v2_loss with relation heads.")
+  return _pairwise_kl((t_q, t_k), (s_q, s_k), mask, segment_ids, chunk)
+
+
+def _relation_heads(x: jax.Array, num_relation_heads: int | None, who: str) -> jax.Array:
+  """(B, T, N, H) -> (B, T, R, width / R): heads concatenated and re-split into R relation heads
+  (a reshape: heads are contiguous along the last axes), or as they are for None."""
+  if num_relation_heads is None:
+    return x
   b, t, n, h = x.shape
-  if num_relation_heads is not None:
-    width = n * h
-    if width % num_relation_heads:
-      raise ValueError(f"{who} width {width} (= {n} heads x {h}) is not divisible by "
-                       f"num_relation_heads={num_relation_heads}")
-    # Concatenating heads and re-splitting is a reshape: heads are contiguous along the last axes.
-    x = x.reshape(b, t, num_relation_heads, width // num_relation_heads)
-  d_r = x.shape[-1]
-  return jnp.einsum("BTRH,BSRH->BRTS", x, x) / math.sqrt(d_r)
+  width = n * h
+  if width % num_relation_heads:
+    raise ValueError(f"{who} width {width} (= {n} heads x {h}) is not divisible by "
+                     f"num_relation_heads={num_relation_heads}")
+  return x.reshape(b, t, num_relation_heads, width // num_relation_heads)
 
 
 def relation_kl(t_x: jax.Array, s_x: jax.Array, mask: jax.Array, *,
-                num_relation_heads: int | None, segment_ids: jax.Array | None = None
-                ) -> jax.Array:
+                num_relation_heads: int | None, segment_ids: jax.Array | None = None,
+                chunk: int | None = None) -> jax.Array:
   """Self-relation KL: KL(softmax(X_t X_t^T / sqrt(d_t)) || softmax(X_s X_s^T / sqrt(d_s))).
 
   t_x (B, T, N, H) teacher, s_x (B, T, N', H') student, mask (B, T) -> (B,).
   num_relation_heads=None: the model's own heads (N must equal N'). Otherwise heads are
   concatenated (width N*H, resp. N'*H') and re-split into R relation heads, each side with its own
-  d_r = width / R, so teacher and student may differ in heads and hidden size.
+  d_r = width / R, so teacher and student may differ in heads and hidden size. Computed in
+  chunks of `chunk` relation heads (default: by memory, `head_chunk`).
   """
   if num_relation_heads is None and t_x.shape[2] != s_x.shape[2]:
     raise ValueError(f"relation_kl without relation heads needs equal head counts, got teacher "
                      f"{t_x.shape[2]} and student {s_x.shape[2]}; pass num_relation_heads.")
-  t_rel = _relation_logits(t_x, num_relation_heads, "teacher")
-  s_rel = _relation_logits(s_x, num_relation_heads, "student")
-  return _row_kl(t_rel, s_rel, mask, segment_ids)
+  t_rel = _relation_heads(t_x, num_relation_heads, "teacher")
+  s_rel = _relation_heads(s_x, num_relation_heads, "student")
+  return _pairwise_kl((t_rel, t_rel), (s_rel, s_rel), mask, segment_ids, chunk)
 
 
 def minilm_v1_loss(t_q: jax.Array, t_k: jax.Array, t_v: jax.Array, s_q: jax.Array,
@@ -236,14 +303,8 @@ def minilm_v1_loss(t_q: jax.Array, t_k: jax.Array, t_v: jax.Array, s_q: jax.Arra
         f"MiniLM v1 needs equal head counts in teacher and student (got {n_t} and {n_s}): its "
         "attention and value relations are compared head by head. Use MiniLMv2 "
         "(minilm_v2_loss with num_relation_heads), which re-splits both into relation heads.")
-
-  def attn_logits(q, k):
-    q, k = _f32(q), _f32(k)
-    return jnp.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(q.shape[-1])
-
-  at = _row_kl(attn_logits(t_q, t_k), attn_logits(s_q, s_k), mask)
-  vr = relation_kl(t_v, s_v, mask, num_relation_heads=None)
-  return at + vr
+  return (qk_attention_kl(t_q, t_k, s_q, s_k, mask)
+          + relation_kl(t_v, s_v, mask, num_relation_heads=None))
 
 
 def minilm_v2_loss(t_q: jax.Array, t_k: jax.Array, t_v: jax.Array, s_q: jax.Array,

@@ -50,3 +50,22 @@ def test_tuned_malloc_reuses_large_blocks():
 def test_opt_out_and_late_call_leave_malloc_alone():
   assert _run("tune", MINILM_JAX_TUNE_MALLOC="0")["tuned"] is False
   assert _run("late")["late"] is False  # after the backend started: warns, changes nothing
+
+
+def test_accelerator_backends_leave_malloc_alone(monkeypatch):
+  """A CPU-only trick: with JAX bound for a GPU or TPU, malloc is not touched (the program
+  itself runs on CPU here, so only the decision is checked)."""
+  from minilm_jax import runtime
+  for platforms, expected in (("cuda", True), ("tpu,cpu", True), ("cpu", False)):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert runtime.accelerator_expected() is expected, platforms
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(runtime.glob, "glob", lambda pattern: [pattern])  # devices present
+  monkeypatch.setattr(runtime.importlib.util, "find_spec",
+                      lambda name: object() if name == "libtpu" else None)
+  assert runtime.accelerator_expected() is True
+  monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name: None)
+  assert runtime.accelerator_expected() is False  # no plugin: JAX runs on CPU
+  monkeypatch.setattr(runtime, "accelerator_expected", lambda: True)
+  monkeypatch.setattr(runtime, "_tuned", False)
+  assert runtime.tune_host_malloc() is False
