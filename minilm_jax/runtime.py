@@ -78,3 +78,16 @@ def accelerator_expected() -> bool:
     return platforms.split(",")[0].strip() not in ("cpu", "")
   return any(any(importlib.util.find_spec(m) for m in _PLUGINS[kind])
              and any(glob.glob(pattern) for pattern in _DEVICES[kind]) for kind in _PLUGINS)
+
+
+def enable_compilation_cache(path: str | os.PathLike) -> None:
+  """JAX's persistent compilation cache in `path`, for every executable however quick to
+  compile (JAX's defaults skip those under 1 s). Callable at any time: the cache is reset so
+  that the new directory takes effect for the compilations that follow."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  cc.reset_cache()

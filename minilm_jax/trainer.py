@@ -11,6 +11,7 @@ the graph on every call). Checkpoints live in `checkpoint.py`, the logs in `metr
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -28,7 +29,7 @@ import numpy as np
 import optax
 
 from minilm_jax import model as model_lib
-from minilm_jax import sharding
+from minilm_jax import runtime, sharding
 from minilm_jax.checkpoint import Checkpoints, data_spec
 from minilm_jax.metric_log import MetricLogger
 from minilm_jax.optim import OptimConfig, make_optimizer
@@ -65,6 +66,14 @@ class LoopConfig:
   # rows) as HF does, or drop it. Evaluation never drops rows.
   drop_remainder: bool = False
   progress: bool = True
+  # Batches on their way to the devices while a step runs (host-to-device prefetch).
+  prefetch: int = 2
+  # jax.transfer_guard level around the steady-state steps (all but the first, outside log,
+  # eval and save): "disallow" makes any implicit host<->device transfer, a hidden sync, an error.
+  transfer_guard: Literal["allow", "log", "disallow"] = "allow"
+  # Opt-in persistent XLA compilation cache: a rerun with the same shapes loads its executables
+  # from this directory instead of compiling them (minutes for a large model on a TPU).
+  compilation_cache_dir: str | None = None
   best_metric: str | None = None        # e.g. "accuracy"; None: the objective's default
   best_mode: Literal["max", "min"] = "max"
 
@@ -296,6 +305,8 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
   """Runs the loop. `train_batches` is one of `data.pipeline`'s Grain pipelines:
   `batches_per_epoch`, `spec()`, `state()`, `restore(state)`, iteration advancing the state.
   `on_eval(model, metrics, is_best)` lets the caller export the best model."""
+  if loop.compilation_cache_dir:
+    runtime.enable_compilation_cache(loop.compilation_cache_dir)
   mesh = mesh or sharding.make_mesh(loop.mesh_data, loop.mesh_fsdp)
   rules = sharding.RULES_FSDP if loop.fsdp else sharding.RULES_DP
   # The SIGTERM handler goes in first: a notice during set-up, restore or the first
@@ -312,6 +323,8 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
   if loop.microbatches < 1 or size % loop.microbatches:
     raise ValueError(f"loop.microbatches={loop.microbatches} must be >= 1 and divide the batch "
                      f"size {size}")
+  if loop.prefetch < 1:
+    raise ValueError(f"loop.prefetch={loop.prefetch} must be >= 1 (batches in flight)")
   out_dir = prepare_output_dir(loop)
   per_epoch = train_batches.batches_per_epoch
   if per_epoch == 0:  # otherwise num_epochs gives 0 steps and an untrained model is exported
@@ -388,11 +401,14 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
   t0, seen, pending = time.perf_counter(), 0, []
   log.info("training steps %d..%d (the first one compiles)", start + 1, total)
   step = start
-  ahead = fetch() if step < total else None
+  ahead = collections.deque(fetch() for _ in range(min(loop.prefetch, total - step)))
   while step < total:
-    host_batch, batch, position = ahead
-    state, metrics = step_fn(state, batch, frozen)
-    ahead = fetch() if step + 1 < total else None  # host-to-device prefetch of the next batch
+    host_batch, batch, position = ahead.popleft()
+    # Steady state: the step and the next transfer dispatch without waiting for the device.
+    with jax.transfer_guard(loop.transfer_guard if step > start else "allow"):
+      state, metrics = step_fn(state, batch, frozen)
+      if step + len(ahead) + 1 < total:
+        ahead.append(fetch())  # host-to-device prefetch, `loop.prefetch` batches ahead
     pending.append(metrics)
     seen += int(host_batch["weights"].shape[0]) * jax.process_count()
     step += 1
