@@ -192,9 +192,11 @@ def _row_kl(t_logits: jax.Array, s_logits: jax.Array, mask: jax.Array,
   return _per_example(kl, seg, t_logits.shape[1])
 
 
-def head_chunk(batch: int, heads: int, length: int, budget: int = RELATION_CHUNK_BYTES) -> int:
+def head_chunk(batch: int, heads: int, length: int, budget: float | None = None) -> int:
   """Heads per chunk of `_pairwise_kl`: the largest divisor of `heads` whose (batch, chunk,
-  length, length) float32 logits fit `budget` bytes (at least 1)."""
+  length, length) float32 logits fit `budget` bytes (default `RELATION_CHUNK_BYTES`; at least
+  1)."""
+  budget = RELATION_CHUNK_BYTES if budget is None else budget
   per_head = batch * length * length * 4
   fits = [c for c in range(1, heads + 1) if heads % c == 0 and c * per_head <= budget]
   return max(fits, default=1)

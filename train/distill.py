@@ -51,6 +51,8 @@ class StudentSpec:
   intermediate_size: int | None = None  # None: 4 x hidden_size when the width changes
   hidden_dropout: float | None = None
   attention_dropout: float | None = None
+  # The attention kernel (minilm_jax/attention); None keeps the teacher's (default "auto").
+  attention_impl: Literal["auto", "xla", "splash", "cudnn"] | None = None
   dtype: Literal["float32", "bfloat16"] = "float32"
 
 
@@ -195,7 +197,7 @@ def student_config(spec: StudentSpec, teacher_cfg):
   elif spec.num_layers:
     kw["num_layers"] = spec.num_layers
   for f in ("hidden_size", "num_heads", "intermediate_size", "hidden_dropout",
-            "attention_dropout"):
+            "attention_dropout", "attention_impl"):
     if getattr(spec, f) is not None:
       kw[f] = getattr(spec, f)
   if spec.hidden_size and spec.hidden_size != teacher_cfg.hidden_size:

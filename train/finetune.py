@@ -32,11 +32,14 @@ class ModelSpec:
   dtype: Literal["float32", "bfloat16"] = "float32"
   hidden_dropout: float | None = None
   attention_dropout: float | None = None
+  # The attention kernel (minilm_jax/attention); None keeps the model's (default "auto").
+  # The fused ones (splash, cudnn) need attention_dropout 0 to serve training.
+  attention_impl: Literal["auto", "xla", "splash", "cudnn"] | None = None
 
   def overrides(self) -> dict:
-    """ModelConfig fields this spec changes: dtype, and the dropouts where set."""
+    """ModelConfig fields this spec changes: dtype, and the dropouts and kernel where set."""
     out = {"dtype": self.dtype}
-    for k in ("hidden_dropout", "attention_dropout"):
+    for k in ("hidden_dropout", "attention_dropout", "attention_impl"):
       if getattr(self, k) is not None:
         out[k] = getattr(self, k)
     return out
