@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from test_distill import compilation_cache  # noqa: F401 - autouse: each step compiles once
 
 from minilm_jax import checkpoint, data, finetune, pretrained, sharding, trainer
 from minilm_jax.config import TINY
