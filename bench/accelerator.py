@@ -159,7 +159,7 @@ def train_case(args, seq: int):
   import jax
   import torch
 
-  from bench.train_step import torch_optimizer
+  from bench.train_step import torch_optimizer, torch_update
   from minilm_jax import finetune, pretrained, trainer
   from minilm_jax.optim import OptimConfig
   cfg = _cfg(args, args.preset)
@@ -187,12 +187,7 @@ def train_case(args, seq: int):
     def step():
       with torch.autocast(torch_device(), dtype=torch.bfloat16):
         loss = fwd(**tb).loss
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
-      opt.step()
-      sched.step()
-      opt.zero_grad(set_to_none=True)
-      return loss
+      return torch_update(loss, tm, opt, sched)
     return step
 
   theirs, first = _torch_cases(make_step, not args.no_torch_compile)
@@ -261,7 +256,7 @@ def distill_case(args):
   import torch
 
   from bench.distill_step import _Captured, _hook_qkv, torch_relation_kl
-  from bench.train_step import torch_optimizer
+  from bench.train_step import torch_optimizer, torch_update
   heads = 4 if args.tiny else 48
   t_cfg, s_cfg, teacher, student, objective, state, step_fn, host = _distill_parts(
       args, args.distill_batch, args.distill_seq, heads)
@@ -296,12 +291,7 @@ def distill_case(args):
       forward(s_run)
       loss = sum(torch_relation_kl(t_store[n], s_store[n], tb["attention_mask"], heads)
                  for n in "qkv").mean()
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(s_tm.parameters(), 1.0)
-      opt.step()
-      sched.step()
-      opt.zero_grad(set_to_none=True)
-      return loss
+      return torch_update(loss, s_tm, opt, sched)
     return step
 
   # torch.compile cannot trace the hooks' control-flow exception: eager only.

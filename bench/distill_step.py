@@ -73,7 +73,7 @@ def build_case(args):
     jax.config.update("jax_default_prng_impl", args.prng)
 
   from bench import variants
-  from bench.train_step import torch_optimizer
+  from bench.train_step import torch_optimizer, torch_update
   from minilm_jax import distill, pretrained, trainer
   from minilm_jax.config import get_preset
   from minilm_jax.optim import OptimConfig
@@ -129,12 +129,7 @@ def build_case(args):
     run(s_tm, s_autocast)
     loss = sum(torch_relation_kl(t_store[n], s_store[n], mask, args.relation_heads)
                for n in "qkv").mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(s_tm.parameters(), 1.0)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+    return torch_update(loss, s_tm, opt, sched)
 
   # The first step of each side starts from the same weights: the losses must agree.
   first, losses = {}, {}

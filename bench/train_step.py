@@ -52,6 +52,18 @@ def torch_optimizer(tm, lr: float, total: int, warmup: int, weight_decay: float 
   return opt, sched
 
 
+def torch_update(loss, tm, opt, sched):
+  """What HF's Trainer does with a loss: backward, clipping at 1.0, the optimizer and schedule
+  steps, gradients cleared. Returns the loss."""
+  import torch
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
+  opt.step()
+  sched.step()
+  opt.zero_grad(set_to_none=True)
+  return loss
+
+
 def torch_step(tm, host: dict, lr: float, total: int, warmup: int, bf16: bool = False):
   """transformers' training step on one fixed batch: forward (autocast to bfloat16 if asked),
   backward, clipping at 1.0, AdamW (torch_optimizer), schedule step."""
@@ -64,12 +76,7 @@ def torch_step(tm, host: dict, lr: float, total: int, warmup: int, bf16: bool = 
   def theirs():
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
       loss = tm(**tb).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(tm.parameters(), 1.0)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return loss
+    return torch_update(loss, tm, opt, sched)
   return theirs
 
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -189,6 +190,6 @@ def count_loops(jaxpr) -> int:
     if eqn.primitive.name == "pallas_call":
       continue
     n += eqn.primitive.name in ("while", "scan")
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       n += count_loops(sub)
   return n

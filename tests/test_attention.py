@@ -125,7 +125,7 @@ def test_splash_student_and_teacher_give_the_dense_distillation_loss(monkeypatch
   # ratio to it (1.2e-5 measured on AMD EPYC for v1 here, where q/k/v agree to ~1e-6).
   assert_parity(got[0], want[0], 5e-5, what=f"{objective} loss")
   # v2's K-K relations see the key biases; v1's attention distributions do not (0 gradient).
-  _check_grads(got[1], want[1], 5e-5, objective, zero_key_bias=objective == "minilm_v1")
+  _check_grads(got[1], want[1], 1e-5, objective, zero_key_bias=objective == "minilm_v1")
 
 
 def test_forced_kernels_off_their_backend_are_clear_errors():

@@ -6,6 +6,7 @@ All runs use a tiny random BERT (tiny_hf_dir) with a small WordPiece vocab, so e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -328,6 +329,24 @@ def test_bad_inputs_name_file_and_line(tiny_hf_dir, tmp_path):
     ft.run(base_cfg(tiny_hf_dir, tmp_path, **{"data.source": "jsonl",
                                               "data.train_path": str(jl),
                                               "data.eval_path": ""}))
+
+
+def test_help_lists_every_override_key_with_type_default_and_meaning(capsys):
+  """`python -m train.finetune --help` names every key an override can set, not only --config."""
+  with pytest.raises(SystemExit) as exit_:
+    ft.main(["--help"])
+  assert exit_.value.code == 0
+  text = capsys.readouterr().out
+
+  def leaves(cfg, where=""):
+    for f in dataclasses.fields(cfg):
+      value = getattr(cfg, f.name)
+      yield from (leaves(value, f"{where}{f.name}.") if dataclasses.is_dataclass(value)
+                  else [f"--{where}{f.name}=<"])
+  keys = list(leaves(ft.FinetuneConfig()))
+  assert len(keys) > 40 and [k for k in keys if k not in text] == []
+  assert "--loop.prefetch=<int>  (default: 2)\n      Batches on their way to the devices" in text
+  assert "--loop.batch_size=<int>  (default: 32)\n      global: rows per optimizer update" in text
 
 
 def test_config_overrides_are_typed_and_unknown_keys_fail():

@@ -7,7 +7,9 @@ Configs are nested frozen dataclasses. Every key in a YAML file or an override m
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -142,6 +144,46 @@ def load(cls, config: str | None, overrides: list[str], default: str):
   return merge(cfg, pairs), path
 
 
+def _comments(cls) -> dict[str, str]:
+  """Each field's comment in `cls`'s source: the `# ...` lines right above it, or the one at
+  the end of its line."""
+  try:
+    lines = inspect.getsource(cls).splitlines()
+  except (OSError, TypeError):
+    return {}
+  out, above = {}, []
+  for line in lines:
+    text = line.strip()
+    if text.startswith("#"):
+      above.append(text.lstrip("# "))
+      continue
+    m = re.match(r"(\w+)\s*:[^=]*(=.*)?$", text)
+    if m and not text.startswith(("def ", "class ", "@")):
+      trailing = text.split("  # ", 1)[1] if "  # " in text else ""
+      out[m.group(1)] = " ".join(above) or trailing
+    above = []
+  return out
+
+
+def _type_name(tp) -> str:
+  return re.sub(r"typing\.|<class '(\w+)'>", lambda m: m.group(1) or "", str(tp)) \
+      if not isinstance(tp, type) else tp.__name__
+
+
+def describe(cfg, where: str = "") -> list[str]:
+  """One line per override key of a config instance: `--key=<type> (default: value)  meaning`."""
+  hints, notes, out = typing.get_type_hints(type(cfg)), _comments(type(cfg)), []
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    if dataclasses.is_dataclass(value):
+      out += describe(value, f"{where}{f.name}.")
+      continue
+    note = notes.get(f.name, "")
+    out.append(f"  --{where}{f.name}=<{_type_name(hints[f.name])}>  (default: {value!r})"
+               + (f"\n      {note}" if note else ""))
+  return out
+
+
 def to_dict(cfg) -> dict:
   return dataclasses.asdict(cfg)
 
@@ -203,7 +245,10 @@ def launch(cls, run, argv, *, default: str, doc: str | None, report) -> int:
 
   from minilm_jax import checkpoint, data, runtime, sharding, trainer
   runtime.tune_host_malloc()  # before JAX starts its backend; see runtime.py
-  p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+  p = argparse.ArgumentParser(
+      description=doc, formatter_class=argparse.RawTextHelpFormatter,
+      epilog="overrides (--section.key=value; defaults before any --config file):\n"
+      + "\n".join(describe(cls())))
   p.add_argument("--config", default=None,
                  help=f"YAML file or a name in train/configs/ (default: {default})")
   args, overrides = p.parse_known_args(argv)
