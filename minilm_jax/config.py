@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 PositionStyle = Literal["absolute", "roberta"]
 TokenizerKind = Literal["wordpiece", "xlmr", "bpe"]
 ModelType = Literal["bert", "roberta"]
+# The attention kernels (minilm_jax/attention).
+AttentionImpl = Literal["auto", "xla", "splash", "cudnn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,7 @@ class ModelConfig:
   # The attention kernel (minilm_jax/attention): "auto" picks per backend (splash on TPU, cuDNN
   # on GPU where they apply, XLA otherwise); "xla" (einsums, with the attention logits among the
   # intermediates), "splash" (Pallas, TPU) and "cudnn" (GPU) force one.
-  attention_impl: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+  attention_impl: AttentionImpl = "auto"
   # Run Pallas kernels (splash) in Pallas' interpreter: any backend, slowly; for tests.
   pallas_interpret: bool = False
   # "xla" attention without dropout loops over blocks of this many queries (attention.attend);
@@ -70,7 +73,7 @@ class ModelConfig:
       if getattr(self, name) not in ("float32", "bfloat16", "float16"):
         raise ValueError(
             f"{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
-    if self.attention_impl not in ("auto", "xla", "splash", "cudnn"):
+    if self.attention_impl not in typing.get_args(AttentionImpl):
       raise ValueError(f"attention_impl must be one of auto, xla, splash, cudnn; got "
                        f"{self.attention_impl!r}")
     if self.attention_query_block is not None and self.attention_query_block < 0:

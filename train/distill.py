@@ -20,6 +20,7 @@ import flax.nnx as nnx
 import jax
 
 from minilm_jax import data, distill, pretrained, trainer
+from minilm_jax.config import AttentionImpl
 from minilm_jax.optim import OptimConfig
 from minilm_jax.tokenizer import check_fits
 from train import cli
@@ -52,7 +53,7 @@ class StudentSpec:
   hidden_dropout: float | None = None
   attention_dropout: float | None = None
   # The attention kernel (minilm_jax/attention); None keeps the teacher's (default "auto").
-  attention_impl: Literal["auto", "xla", "splash", "cudnn"] | None = None
+  attention_impl: AttentionImpl | None = None
   dtype: Literal["float32", "bfloat16"] = "float32"
 
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from minilm_jax import data, finetune, pretrained, squad, trainer
+from minilm_jax.config import AttentionImpl
 from minilm_jax.optim import OptimConfig
 from train import cli
 
@@ -34,7 +35,7 @@ class ModelSpec:
   attention_dropout: float | None = None
   # The attention kernel (minilm_jax/attention); None keeps the model's (default "auto").
   # The fused ones (splash, cudnn) need attention_dropout 0 to serve training.
-  attention_impl: Literal["auto", "xla", "splash", "cudnn"] | None = None
+  attention_impl: AttentionImpl | None = None
 
   def overrides(self) -> dict:
     """ModelConfig fields this spec changes: dtype, and the dropouts and kernel where set."""

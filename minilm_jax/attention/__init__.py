@@ -27,6 +27,7 @@ fields cost nothing under jit (XLA drops them).
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -41,13 +42,13 @@ from minilm_jax.attention.xla import (
   query_block,
   xla_attention,
 )
-from minilm_jax.config import ModelConfig
+from minilm_jax.config import AttentionImpl, ModelConfig
 
 __all__ = ["IMPLS", "Mask", "as_mask", "attend", "attention_bias", "cast_bias", "choose",
            "mask_value", "platform", "query_block", "xla_attention"]
 
 Array = jax.Array
-IMPLS = ("auto", "xla", "splash", "cudnn")
+IMPLS = typing.get_args(AttentionImpl)
 
 
 @jax.tree_util.register_dataclass
