@@ -17,7 +17,7 @@ from minilm_jax.data import shards
 
 WORDS = ("the quick brown fox jumps over lazy dog while seven wizards quietly hex a jovial "
          "frog near river banks under moonlight and everyone sings").split()
-IN_PROCESS = ["--runner=DirectRunner", "--direct_running_mode=in_memory"]
+IN_PROCESS = ["--runner=FnApiRunner", "--direct_running_mode=in_memory"]
 
 
 def lines(n, seed=0, max_words=60):
@@ -273,11 +273,14 @@ def test_existing_preparation_is_not_overwritten(corpus, gt_model_dir):
 
 
 @pytest.mark.slow
-def test_multiprocess_direct_runner_equals_in_process(tmp_path, gt_model_dir, corpus):
-  """The default runner (DirectRunner, one process a core) writes the same shards."""
+def test_multiprocess_direct_runner_equals_in_process(tmp_path, gt_model_dir, corpus, caplog):
+  """The default runner (Beam's local FnApiRunner, one process a core) writes the same shards,
+  and never tries the Prism runner (a binary downloaded from GitHub at run time)."""
   (tmp_path / "c.txt").write_text("\n".join(lines(103)) + "\n")
+  caplog.set_level("INFO")
   p = prepare(tmp_path, gt_model_dir, data.Source("text", paths=(str(tmp_path / "c.txt"),)),
               split_bytes=2000, beam_args=data.default_beam_args(2))
+  assert "prism" not in caplog.text.lower()
   assert [s["bytes"] for s in p.manifest["shards"]] == [
       s["bytes"] for s in corpus.manifest["shards"]]
   for a, b in zip(p.shards, corpus.shards, strict=True):

@@ -9,7 +9,7 @@
   python -m train.prepare --source csv --input train.csv --text-column sentence \\
       --label-column label --output data/train
 
-An Apache Beam pipeline: the DirectRunner with one process a core by default; every option this
+An Apache Beam pipeline: the local FnApiRunner with one process a core by default; every option this
 parser does not know (--runner=..., --direct_num_workers=..., Dataflow/Flink/Spark options)
 goes to Beam. The manifest is written last: a crashed run never looks complete. Train from the
 shards with corpus.source=prepared (train.distill) or data.source=prepared (train.finetune).
@@ -23,8 +23,8 @@ import logging
 import sys
 
 from minilm_jax import data
+from minilm_jax.recipes.finetune import resolve_model_path
 from train.cli import setup_logging
-from train.finetune import resolve_model_path
 
 
 def parse(argv=None):

@@ -3,7 +3,7 @@
 The driver cuts the source into splits (byte ranges of large line files, cut at line or blank-line
 boundaries; tfds index ranges; chunks of in-memory examples) and Beam runs one `_WriteShard` per
 split: read, tokenise with the model's own tokenizer, write `shard-i-of-n` under a temporary
-name, rename. No example crosses workers, so the DirectRunner's processes scale on one machine
+name, rename. No example crosses workers, so the local runner's processes scale on one machine
 and Dataflow/Flink/Spark runners (`beam_args`) scale past it. When every shard is written the
 driver writes the manifest, last and atomically; a failed split writes `prepare.failed.json`
 instead, so a crashed or failed preparation never looks complete.
@@ -113,10 +113,14 @@ class _WriteShard:
 
 
 def default_beam_args(num_workers: int | None = None) -> list[str]:
-  """The DirectRunner in multi-process mode, one worker per core (in-process for one worker)."""
+  """Beam's local runner in multi-process mode, one worker per core (in-process for one).
+
+  That is the FnApiRunner, named directly: the DirectRunner (Beam >= 2.6x) first tries the
+  Prism runner, which downloads its binary from GitHub at run time (and waits on a machine
+  without internet) before falling back to the FnApiRunner with these same options."""
   n = num_workers or os.cpu_count() or 1
   mode = "multi_processing" if n > 1 else "in_memory"
-  return ["--runner=DirectRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={n}"]
+  return ["--runner=FnApiRunner", f"--direct_running_mode={mode}", f"--direct_num_workers={n}"]
 
 
 def prepare_corpus(source: Source, out_dir: str | Path, *, tokenizer_path: str | Path,
