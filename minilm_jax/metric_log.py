@@ -10,8 +10,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
 
@@ -82,26 +80,36 @@ class MetricLogger:
 
 
 def plot_curves(path: Path, history: list[dict], evals: list[dict]) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  eval_keys = sorted({k for e in evals for k, v in e.items()
-                      if k != "step" and isinstance(v, (int, float))})
-  n = 1 + len(eval_keys[:3])
-  fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.2), squeeze=False)
-  ax = axes[0, 0]
-  if history:
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
-  for e_key in ("loss",):
-    if evals and e_key in evals[0]:
-      ax.plot([e["step"] for e in evals], [e[e_key] for e in evals], "o-", label="eval loss")
-  ax.set_xlabel("step")
-  ax.set_title("loss")
-  ax.legend()
-  for ax, key in zip(axes[0, 1:], [k for k in eval_keys if k != "loss"][:3]):
-    ax.plot([e["step"] for e in evals], [e.get(key, np.nan) for e in evals], "o-")
+  curves_figure(history, evals).savefig(path, dpi=90)
+
+
+def curves_figure(history: list[dict], evals: list[dict]):
+  """Train and eval loss, then up to three eval metrics, one panel each (none left empty); a
+  curve of one point is a marker labelled with its value. A bare `Figure` (no pyplot): no
+  backend is switched, and a notebook shows it inline."""
+  from matplotlib.figure import Figure
+  keys = sorted({k for e in evals for k, v in e.items()
+                 if k not in ("step", "loss") and isinstance(v, (int, float))})[:3]
+  fig = Figure(figsize=(4.5 * (1 + len(keys)), 3.2))
+  axes = fig.subplots(1, 1 + len(keys), squeeze=False)[0]
+
+  def curve(ax, recs, key, style, label=None):
+    pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+    if not pts:
+      return
+    ax.plot(*zip(*pts), style, label=label)
+    if len(pts) == 1:
+      ax.annotate(f"{pts[0][1]:.4g}", pts[0], textcoords="offset points", xytext=(4, 4))
+
+  curve(axes[0], history, "loss", "-", "train loss")
+  curve(axes[0], evals, "loss", "o-", "eval loss")
+  axes[0].set_title("loss")
+  if history or any("loss" in e for e in evals):
+    axes[0].legend()
+  for ax, key in zip(axes[1:], keys):
+    curve(ax, evals, key, "o-")
     ax.set_title(f"eval {key}")
+  for ax in axes:
     ax.set_xlabel("step")
   fig.tight_layout()
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
+  return fig

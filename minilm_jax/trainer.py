@@ -110,7 +110,7 @@ class RunExists(ValueError):
 
 # What a run leaves in its output directory (config.json is rewritten by every launch).
 RUN_ARTIFACTS = ("checkpoints", "history.jsonl", "metrics.json", "tensorboard", "curves.png",
-                 "final", "best", "hf", "predictions.jsonl")
+                 "final", "best", "hf", "sentence-transformers", "predictions.jsonl")
 
 
 def prepare_output_dir(loop: LoopConfig) -> Path:
@@ -217,11 +217,12 @@ def make_eval_step(graphdef, objective: Objective):
 # --- the loop -------------------------------------------------------------------------------
 
 class _Preemption:
-  """SIGTERM (a preemption notice): finish the current step, checkpoint, exit cleanly.
+  """SIGTERM (a preemption notice) or Ctrl-C: finish the current step, checkpoint, stop cleanly.
 
-  One process: a Python handler sets a flag that the loop reads once per step. Python runs
-  handlers between bytecodes, so a SIGTERM during compilation or a checkpoint write takes effect
-  when that call returns, and the step in flight still completes.
+  One process: Python handlers set a flag that the loop reads once per step. Python runs
+  handlers between bytecodes, so a signal during compilation or a checkpoint write takes effect
+  when that call returns, and the step in flight still completes. Ctrl-C (SIGINT; a notebook's
+  interrupt) works the same way, and a second Ctrl-C raises KeyboardInterrupt at once.
 
   Several processes: saving is collective, so all must stop after the same step, yet a notice
   may reach only some of them. `jax.distributed.initialize()` installs JAX's own SIGTERM
@@ -231,22 +232,31 @@ class _Preemption:
   """
 
   def __init__(self):
-    self.requested = False
-    self._old = None
+    self.requested = self.interrupted = False
+    self._old: dict = {}
     self._multi = jax.process_count() > 1
 
   def __enter__(self):
     if self._multi:
       return self
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not in the main thread
-      self._old = None
+    for sig, handler in ((signal.SIGTERM, self._handle), (signal.SIGINT, self._interrupt)):
+      try:
+        self._old[sig] = signal.signal(sig, handler)
+      except ValueError:  # not in the main thread
+        pass
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
     self.requested = True
+
+  def _interrupt(self, signum, frame):
+    del frame
+    if self.interrupted:  # the second Ctrl-C: stop now
+      signal.signal(signum, self._old.get(signum, signal.default_int_handler))
+      raise KeyboardInterrupt
+    log.warning("interrupted: stopping after this step (Ctrl-C again to stop at once)")
+    self.requested = self.interrupted = True
 
   def should_stop(self, step: int) -> bool:
     """Call once after every step (the multi-process protocol counts the calls)."""
@@ -259,8 +269,8 @@ class _Preemption:
       return False
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 @dataclasses.dataclass
@@ -270,7 +280,8 @@ class Result:
   history: list[dict]
   evals: list[dict]
   best: dict | None
-  preempted: bool = False
+  preempted: bool = False    # stopped early by SIGTERM or Ctrl-C, a checkpoint saved
+  interrupted: bool = False  # by Ctrl-C
 
 
 def init_state(model: nnx.Module, optim: OptimConfig, total_updates: int, seed: int = 0, *,
@@ -381,7 +392,8 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
   def evaluate(step):
     nonlocal best
     model_now = nnx.merge(graphdef, state["params"])
-    metrics = run_eval(eval_fn, state["params"], eval_batches, objective, mesh, frozen)
+    metrics = run_eval(eval_fn, state["params"], eval_batches, objective, mesh, frozen,
+                       progress=loop.progress and logger.enabled)
     metrics["step"] = step
     is_best = False
     if best_key and best_key in metrics:
@@ -412,11 +424,14 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
     pending.append(metrics)
     seen += int(host_batch["weights"].shape[0]) * jax.process_count()
     step += 1
-    bar.update(1)
+    if len(pending) > 1:  # the bar counts finished steps: wait for the one before this one
+      jax.block_until_ready(pending[-2])
+      bar.update(1)
     last = step == total
     stop = preemption.should_stop(step)  # read once: log, save and exit agree on it
     if step % loop.log_every == 0 or last or stop:
       host = jax.device_get(pending)  # metrics leave the device only here
+      bar.update(1)
       pending = []
       nonfinite = int(jax.device_get(state["nonfinite"]))
       rec = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -437,14 +452,16 @@ def _train(preemption: _Preemption, model, objective, train_batches, loop, optim
     if step % save_every == 0 or last or stop:
       ckpt.save(step, state, position, wait=stop, spec=spec)
     if stop and not last:
-      log.warning("SIGTERM: saved step %d, exiting", step)
+      log.warning("%s: saved step %d, stopping", "Ctrl-C" if preemption.interrupted
+                  else "SIGTERM", step)
       preempted = True
       break
   bar.close()
   ckpt.close()
   logger.finish(history, evals, best)
   model = nnx.merge(graphdef, state["params"])
-  return Result(state, model, history, evals, best, preempted)
+  return Result(state, model, history, evals, best, preempted,
+                interrupted=preempted and preemption.interrupted)
 
 
 def _agree_on_best(best: dict | None, key: str) -> dict | None:
@@ -461,10 +478,14 @@ def _agree_on_best(best: dict | None, key: str) -> dict | None:
   return {**(best or {}), key: value}
 
 
-def run_eval(eval_fn, params, eval_batches, objective: Objective, mesh, frozen=None) -> dict:
+def run_eval(eval_fn, params, eval_batches, objective: Objective, mesh, frozen=None, *,
+             progress: bool = False) -> dict:
   """One pass over the eval set; outputs of every process are gathered, dummy rows dropped."""
+  from tqdm.auto import tqdm
   outs: dict[str, list] = {}
-  for host_batch in eval_batches.iter_epoch():
+  for host_batch in tqdm(eval_batches.iter_epoch(), desc="eval", unit="batch", leave=False,
+                         total=getattr(eval_batches, "batches_per_epoch", None),
+                         disable=not progress):
     batch = sharding.shard_batch(host_batch, mesh)
     res = dict(eval_fn(params, batch, frozen))
     for k in ("weights", "index", "labels"):

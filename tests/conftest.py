@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import minilm_jax
+from minilm_jax import pretrained
 from minilm_jax.config import TINY, ModelConfig
 
 minilm_jax.tune_host_malloc()  # as the entry points do; each pytest worker is a fresh process
@@ -49,6 +50,24 @@ def gt_model_dir() -> Path:
   if not (path / "model.safetensors").is_file():
     pytest.fail(f"{path} has no model.safetensors; reinstall it.\n{INSTALL_GT}", pytrace=False)
   return path
+
+
+WORDS = ("good bad great awful fine movie film plot actor boring fun love hate ok the a is was "
+         "not very really what who where when why how question answer paris france capital city "
+         "of in on").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+  """A random TINY BertModel as an HF directory with a matching WordPiece vocab."""
+  d = tmp_path_factory.mktemp("tiny_hf")
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz?.,!"]
+  vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+  assert len(vocab) <= TINY.vocab_size
+  (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+  model = pretrained.build(TINY, "encoder", seed=1)
+  pretrained.export_hf(model, TINY, d)
+  return d
 
 
 @pytest.fixture

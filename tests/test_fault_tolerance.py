@@ -29,14 +29,13 @@ from test_finetune import (
   WORDS,
   history,
   sentiment_rows,
-  tiny_hf_dir,  # noqa: F401 - a fixture
   write_csv,
 )
 
 from minilm_jax import checkpoint, pretrained
 from minilm_jax.config import TINY
+from minilm_jax.recipes import finetune as ft
 from train import cli
-from train import finetune as ft
 
 STEPS = 24         # 3 epochs of 8 batches
 SAVE_EVERY = 2
@@ -165,7 +164,7 @@ def assert_same_run(out: Path, ref: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_hf_dir, data_dir, env, tmp_path_factory) -> Path:  # noqa: F811
+def reference(tiny_hf_dir, data_dir, env, tmp_path_factory) -> Path:
   """The uninterrupted run (the first, compiling one)."""
   out = tmp_path_factory.mktemp("reference") / "run"
   run_to_end(flat_cfg(tiny_hf_dir, data_dir, out), env)
@@ -175,7 +174,7 @@ def reference(tiny_hf_dir, data_dir, env, tmp_path_factory) -> Path:  # noqa: F8
 
 # --- SIGKILL / SIGTERM -----------------------------------------------------------------------
 
-def test_sigkill_three_times_then_resume_is_bitwise_identical(tiny_hf_dir, data_dir, env,  # noqa: F811
+def test_sigkill_three_times_then_resume_is_bitwise_identical(tiny_hf_dir, data_dir, env,
                                                              reference, tmp_path):
   rng = np.random.default_rng(20240611)
   out = tmp_path / "run"
@@ -201,7 +200,7 @@ def test_sigkill_three_times_then_resume_is_bitwise_identical(tiny_hf_dir, data_
 
 
 def test_sigterm_saves_the_step_it_stopped_at_and_resume_is_bitwise_identical(
-    tiny_hf_dir, data_dir, env, reference, tmp_path):  # noqa: F811
+    tiny_hf_dir, data_dir, env, reference, tmp_path):
   out = tmp_path / "run"
 
   def stop(run) -> int:
@@ -248,7 +247,7 @@ def truncate(path: Path):
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(
-    tiny_hf_dir, data_dir, env, reference, tmp_path):  # noqa: F811
+    tiny_hf_dir, data_dir, env, reference, tmp_path):
   out = tmp_path / "run"
   shutil.copytree(reference, out)
   victim = largest_file(out / "checkpoints" / str(STEPS) / "state")  # array data
@@ -288,7 +287,7 @@ def test_corrupt_model_dir_params_is_a_clear_error_naming_the_path(
 # --- mismatched configs -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def wide_hf_dir(tiny_hf_dir, tmp_path_factory) -> Path:  # noqa: F811
+def wide_hf_dir(tiny_hf_dir, tmp_path_factory) -> Path:
   """tiny_hf_dir's vocab with hidden size 48 instead of 32."""
   d = tmp_path_factory.mktemp("wide_hf")
   shutil.copy(tiny_hf_dir / "vocab.txt", d / "vocab.txt")
@@ -314,7 +313,7 @@ MISMATCHES = {
 
 @pytest.mark.parametrize("what", list(MISMATCHES))
 def test_resume_with_mismatched_config_fails_clearly_and_touches_nothing(
-    tiny_hf_dir, wide_hf_dir, data_dir, reference, tmp_path, caplog, what):  # noqa: F811
+    tiny_hf_dir, wide_hf_dir, data_dir, reference, tmp_path, caplog, what):
   out = tmp_path / "run"
   shutil.copytree(reference, out)
   before = snapshot(out)
@@ -333,7 +332,7 @@ def test_resume_with_mismatched_config_fails_clearly_and_touches_nothing(
 
 # --- malformed data files (the reader-level cases live in test_data.py) -----------------------
 
-def test_malformed_data_files_fail_before_training_naming_the_file(tiny_hf_dir, data_dir,  # noqa: F811
+def test_malformed_data_files_fail_before_training_naming_the_file(tiny_hf_dir, data_dir,
                                                                    tmp_path):
   def run(**over):
     ft.run(cli.merge(ft.FinetuneConfig(), flat_cfg(tiny_hf_dir, data_dir, tmp_path / "run",
@@ -366,7 +365,7 @@ def _tree(path: Path) -> dict[str, bytes]:
   return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(tiny_hf_dir, data_dir, env,  # noqa: F811
+def test_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(tiny_hf_dir, data_dir, env,
                                                                   tmp_path):
   """A second fresh run with the same output_dir used to delete the first run's checkpoints and
   history and exit 0. It must refuse, name both ways out, and change nothing; with
@@ -394,7 +393,7 @@ def _mount_tmpfs(path: Path, size: str) -> None:
     pytest.skip(f"cannot mount a small tmpfs here (needs root): {res.stderr.strip()}")
 
 
-def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_hf_dir, data_dir, env,  # noqa: F811
+def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_hf_dir, data_dir, env,
                                                                   tmp_path):
   """The output dir on a 4 MiB tmpfs: a run checkpoints step 2; the disk then fills (a ballast
   file), and the resumed run's next checkpoint cannot fit. It must exit 4 with a message that

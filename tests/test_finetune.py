@@ -18,33 +18,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_parity, random_batch
+from conftest import WORDS, assert_parity, random_batch
 
 from minilm_jax import checkpoint, data, distill, finetune, pretrained, trainer
 from minilm_jax.config import TINY
 from minilm_jax.optim import OptimConfig
+from minilm_jax.recipes import finetune as ft
 from train import cli
-from train import finetune as ft
+from train import finetune as finetune_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("good bad great awful fine movie film plot actor boring fun love hate ok the a is was "
-         "not very really what who where when why how question answer paris france capital city "
-         "of in on").split()
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_dir(tmp_path_factory) -> Path:
-  """A random TINY BertModel as an HF directory with a matching WordPiece vocab."""
-  d = tmp_path_factory.mktemp("tiny_hf")
-  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz?.,!"]
-  vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
-  assert len(vocab) <= TINY.vocab_size
-  (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
-  model = pretrained.build(TINY, "encoder", seed=1)
-  pretrained.export_hf(model, TINY, d)
-  return d
-
-
 def sentiment_rows(n, seed=0):
   rng = np.random.default_rng(seed)
   pos, neg = ["good", "great", "fun", "love", "fine"], ["bad", "awful", "boring", "hate"]
@@ -334,7 +317,7 @@ def test_bad_inputs_name_file_and_line(tiny_hf_dir, tmp_path):
 def test_help_lists_every_override_key_with_type_default_and_meaning(capsys):
   """`python -m train.finetune --help` names every key an override can set, not only --config."""
   with pytest.raises(SystemExit) as exit_:
-    ft.main(["--help"])
+    finetune_cli.main(["--help"])
   assert exit_.value.code == 0
   text = capsys.readouterr().out
 

@@ -18,7 +18,6 @@ import pytest
 from test_fault_tolerance import Run, data_dir, env, flat_cfg, last_logged_step, saved_steps  # noqa: F401
 from test_finetune import (
   history,
-  tiny_hf_dir,  # noqa: F401 - a fixture
 )
 
 from minilm_jax import pretrained

@@ -22,9 +22,9 @@ import jax
 from minilm_jax import data, distill, pretrained, trainer
 from minilm_jax.config import AttentionImpl
 from minilm_jax.optim import OptimConfig
+from minilm_jax.recipes.finetune import resolve_model_path
 from minilm_jax.tokenizer import check_fits
 from train import cli
-from train.finetune import resolve_model_path
 
 log = logging.getLogger("distill")
 
@@ -322,7 +322,7 @@ def run(cfg: DistillConfig, *, mesh=None) -> dict:
 def _report(summary: dict, cfg: DistillConfig) -> None:
   print(f"held-out distillation metrics after {summary['steps']} steps: "
         f"{cli.rounded(summary['final'], 5)}")
-  print(f"outputs in {cfg.loop.output_dir}: metrics.json, curves.png, tensorboard/, final/, hf/")
+  print(cli.outputs_line(cfg.loop.output_dir))
 
 
 def main(argv=None) -> int:

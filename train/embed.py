@@ -27,8 +27,8 @@ from minilm_jax import contrastive, data, pretrained, sharding, trainer
 from minilm_jax.data import manpages
 from minilm_jax.optim import OptimConfig
 from minilm_jax.pooling import Pooling
+from minilm_jax.recipes.finetune import ModelSpec, resolve_model_path
 from train import cli
-from train.finetune import ModelSpec, resolve_model_path
 
 log = logging.getLogger("embed")
 
@@ -197,7 +197,7 @@ def _report(summary: dict, cfg: EmbedConfig) -> None:
   if summary.get("start"):
     print(f"before training: {cli.rounded(summary['start'])}")
   print(f"after {summary['steps']} steps: {cli.rounded(summary['final'])}")
-  print(f"outputs in {cfg.loop.output_dir}: metrics.json, final/, sentence-transformers/")
+  print(cli.outputs_line(cfg.loop.output_dir))
 
 
 def main(argv=None) -> int:

@@ -24,8 +24,8 @@ import numpy as np
 
 from minilm_jax import data, decoding, finetune, pretrained, seq2seq, sharding, squad, trainer
 from minilm_jax.optim import OptimConfig
+from minilm_jax.recipes.finetune import ModelSpec, resolve_model_path
 from train import cli
-from train.finetune import ModelSpec, resolve_model_path
 
 log = logging.getLogger("seq2seq")
 
@@ -197,8 +197,7 @@ def _report(summary: dict, cfg: Seq2SeqRunConfig) -> None:
         f"{cli.rounded(summary['final'])}")
   if summary.get("best"):
     print(f"best: {cli.rounded(summary['best'])}")
-  print(f"outputs in {cfg.loop.output_dir}: metrics.json, predictions.jsonl, curves.png, "
-        "tensorboard/, best/, final/, hf/")
+  print(cli.outputs_line(cfg.loop.output_dir))
 
 
 def main(argv=None) -> int:

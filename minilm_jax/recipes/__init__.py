@@ -1,0 +1,4 @@
+"""The jobs the entry points and the notebook API run: typed configs plus `run`.
+
+  finetune.py   classification, regression, XNLI, span QA: data -> shards -> loop -> exports
+"""

