@@ -156,10 +156,17 @@ def prepare_corpus(source: Source, out_dir: str | Path, *, tokenizer_path: str |
   if beam_args is None:  # one split has nothing to spread: skip the worker processes' start-up
     beam_args = default_beam_args(1 if len(splits) == 1 else None)
   options = PipelineOptions(list(beam_args))
-  with beam.Pipeline(options=options) as p:
-    _ = (p | "splits" >> beam.Create(list(enumerate(splits)))
-         | "spread" >> beam.Reshuffle()
-         | "tokenise+write" >> beam.FlatMap(fn))
+  try:
+    with beam.Pipeline(options=options) as p:
+      _ = (p | "splits" >> beam.Create(list(enumerate(splits)))
+           | "spread" >> beam.Reshuffle()
+           | "tokenise+write" >> beam.FlatMap(fn))
+  except ModuleNotFoundError as e:  # Beam's IPython integration (a notebook) imports pandas
+    if e.name != "pandas":
+      raise
+    raise ModuleNotFoundError(
+        f"preparing {source.describe()} into {out}: Apache Beam inside IPython/Jupyter needs "
+        "pandas; pip install 'minilm_jax[notebook]' (or pandas)", name="pandas") from e
   entries = []
   for i in range(len(splits)):
     stats_file = out / f".stats-{i:05d}.json"
