@@ -235,7 +235,7 @@ def infer_case(args, seq: int):
 def _distill_parts(args, batch: int, seq: int, relation_heads: int, **over):
   import jax
 
-  from minilm_jax import distill, pretrained, trainer
+  from minilm_jax import distillation, pretrained, trainer
   from minilm_jax.optim import OptimConfig
   t_cfg = _cfg(args, args.teacher).replace(use_pooler=False, **over)
   s_cfg = _cfg(args, args.student).replace(use_pooler=False, **over)
@@ -243,7 +243,7 @@ def _distill_parts(args, batch: int, seq: int, relation_heads: int, **over):
     s_cfg = s_cfg.replace(num_layers=1)
   teacher = pretrained.build(t_cfg, "encoder", seed=1)
   student = pretrained.build(s_cfg, "encoder", seed=0)
-  objective = distill.minilm_v2(teacher, num_relation_heads=relation_heads, student_cfg=s_cfg)
+  objective = distillation.minilm_v2(teacher, num_relation_heads=relation_heads, student_cfg=s_cfg)
   graphdef, state, tx, schedule = trainer.init_state(student, OptimConfig(learning_rate=1e-4),
                                                      10_000, 0)
   step_fn = jax.jit(trainer.make_train_step(graphdef, objective, tx, schedule), donate_argnums=0)

@@ -9,7 +9,7 @@ held-out split never trained on). Steps:
 1. write <out>/data/train.txt and heldout.txt (one tweet per line);
 2. embed the held-out tweets with the teacher and with the student initialised from teacher
    layers (no distillation): mean cosine(student, teacher) is the baseline;
-3. distil with `train.distill.run` (held-out distillation loss at every eval);
+3. distil with `recipes.distill.run` (held-out distillation loss at every eval);
 4. embed again with the distilled student; write <out>/results.json and print the numbers.
 Embeddings are `Pretrained.encode`: mask-weighted mean of the last layer, L2-normalised, i.e.
 sentence-transformers' pipeline for all-MiniLM-L6-v2.
@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minilm_jax import data, distill, pretrained
+from minilm_jax import data, distillation, pretrained
+from minilm_jax.recipes import distill as distill_main
 from train import cli
-from train import distill as distill_main
 
 BUCKETS = (32, 64)  # embedding shapes; tweets are at most 64 tokens (distill_packaged max_length)
 
@@ -47,7 +47,7 @@ def write_text(path: Path, examples) -> int:
 def embed(model, corpus: data.Prepared, batch_size: int = 128) -> np.ndarray:
   """(N, D) L2-normalised mean-pooled last hidden states (sentence-transformers' pipeline for
   all-MiniLM-L6-v2). Fixed bucket shapes: one compilation per bucket, not per batch."""
-  enc = distill.encoder_of(model)
+  enc = distillation.encoder_of(model)
   graphdef, state = nnx.split(enc)
 
   @jax.jit
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
       max_length=BUCKETS[-1], overwrite=True)
   t_emb = embed(teacher.model, feats)
   s_cfg = distill_main.student_config(cfg.student, teacher.config)
-  init = distill.init_from_teacher_layers(teacher.model, s_cfg, cfg.student.layers,
+  init = distillation.init_from_teacher_layers(teacher.model, s_cfg, cfg.student.layers,
                                           seed=cfg.loop.seed)
   cos_before = mean_cosine(embed(init, feats), t_emb)
   logging.info("baseline (teacher layers %s, no distillation): mean cosine %.4f on %d held-out "

@@ -3,7 +3,7 @@
   python -m bench.distill_step                          # BERT-base teacher -> L6-H384, B32 S128
   python -m bench.distill_step --teacher minilm-l12-h384-uncased --seq 64 --repeats 3
 
-Ours is the real step: `distill.minilm_v2` (Q-Q, K-K, V-V relation KLs over 48 relation heads,
+Ours is the real step: `distillation.minilm_v2` (Q-Q, K-K, V-V relation KLs over 48 relation heads,
 teacher's last layer vs student's last layer) run by `trainer.make_train_step`, jitted with the
 student state donated and the teacher's params passed as the frozen argument.
 PyTorch: transformers' BertModel teacher under `torch.no_grad()` and a BertModel student in train
@@ -74,7 +74,7 @@ def build_case(args):
 
   from bench import variants
   from bench.train_step import torch_optimizer, torch_update
-  from minilm_jax import distill, pretrained, trainer
+  from minilm_jax import distillation, pretrained, trainer
   from minilm_jax.config import get_preset
   from minilm_jax.optim import OptimConfig
   variants.apply(args.variant)
@@ -88,7 +88,7 @@ def build_case(args):
   for p in t_tm.parameters():
     p.requires_grad_(False)
 
-  objective = distill.minilm_v2(teacher, num_relation_heads=args.relation_heads,
+  objective = distillation.minilm_v2(teacher, num_relation_heads=args.relation_heads,
                                 teacher_layer=args.teacher_layer, student_layer=-1,
                                 student_cfg=s_cfg)
   total, optim = 10_000, OptimConfig(learning_rate=1e-4, warmup_ratio=0.01)

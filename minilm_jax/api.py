@@ -5,10 +5,12 @@
   clf.predict(texts)            # Predictions(labels, probabilities)
   clf.evaluate(texts, labels)   # {"accuracy": ..., "macro_f1": ..., "loss": ...}
   history.plot()                # the curves, inline
+  student = minilm_jax.distill(teacher, texts, layers=3, objective="minilm_v2", steps=500)
 
 `fit` is not a second loop: it fills in `recipes.finetune.FinetuneConfig` from its keywords and
 runs `recipes.finetune.run_job`, the job `python -m train.finetune` runs, on the texts it is
-given (prepared into shards in the run directory, streamed through the same Grain pipeline).
+given (prepared into shards in the run directory, streamed through the same Grain pipeline);
+`distill` does the same with `recipes.distill` (`python -m train.distill`).
 Keywords are a few short names (`SHORTHANDS`) or any config key written `section__key`
 (`optim__weight_decay=0.0`, `loop__eval_every=50`); unknown or mistyped ones are errors, as on
 the command line. Ctrl-C (a notebook's interrupt) stops after the step in flight: the model in
@@ -19,6 +21,7 @@ from the current weights (a fresh optimizer and schedule, as in Keras and senten
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import tempfile
@@ -155,7 +158,6 @@ def _examples(texts, labels, pairs, names, regression, what):
 
 def config_for(m, overrides: dict[str, Any]):
   """The FinetuneConfig a `fit(**overrides)` of `m` runs (keyword errors raise here)."""
-  from minilm_jax import configs
   from minilm_jax.recipes import finetune as recipe
   regression = m.num_labels == 1
   cfg = recipe.FinetuneConfig(
@@ -163,20 +165,18 @@ def config_for(m, overrides: dict[str, Any]):
       data=recipe.DataSpec(source="examples"),
       task=recipe.TaskSpec(kind="regression" if regression else "classification"),
       export_hf=False)
-  flat = {}
-  for key, value in overrides.items():
-    if key in SHORTHANDS:
-      flat[SHORTHANDS[key]] = value
-    elif "__" in key:
-      flat[key.replace("__", ".")] = value
-    else:
-      raise TypeError(f"fit() got an unknown keyword {key!r}; use one of {sorted(SHORTHANDS)} "
-                      f"or a config key as section__key (sections: "
-                      f"{[f.name for f in dataclasses.fields(cfg)]}, e.g. optim__weight_decay)")
-  try:
-    return configs.merge(cfg, flat)
-  except KeyError as e:
-    raise TypeError(f"fit(): {e.args[0]}") from None
+  return _config(cfg, SHORTHANDS, overrides, "fit")
+
+
+@contextlib.contextmanager
+def _run_dir(cfg, given: bool):
+  """`cfg` with its run directory: the given one (exports on), else a temporary one that is
+  deleted afterwards."""
+  if given:
+    yield dataclasses.replace(cfg, export_hf=True)
+    return
+  with tempfile.TemporaryDirectory(prefix="minilm_") as tmp:
+    yield dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, output_dir=tmp))
 
 
 def fit(m, texts, labels, *, pairs=None, eval=None, **config) -> History:
@@ -198,25 +198,88 @@ def fit(m, texts, labels, *, pairs=None, eval=None, **config) -> History:
                           pair_column="pair" if pairs is not None else None,
                           label_names=tuple(names) if names else None)
   sources = (src(train), {k: src(v) for k, v in evals.items()}, names)
-  tmp = None
-  if "output_dir" not in config:  # a scratch run directory, deleted afterwards
-    tmp = tempfile.TemporaryDirectory(prefix="minilm_fit_")
-    cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, output_dir=tmp.name))
-  else:
-    cfg = dataclasses.replace(cfg, export_hf=True)
-  try:
+  given = "output_dir" in config
+  with _run_dir(cfg, given) as cfg:
     summary, res = recipe.run_job(cfg, model=m, sources=sources)
-  finally:
-    if tmp is not None:
-      tmp.cleanup()
   m.model, m.label_names = res.model, names
   if res.interrupted:
     where = (f"; checkpoint in {cfg.loop.output_dir}/checkpoints: fit(..., output_dir="
-             f"{cfg.loop.output_dir!r}, resume=True) continues" if tmp is None else "")
+             f"{cfg.loop.output_dir!r}, resume=True) continues" if given else "")
     log.warning("fit interrupted after step %d; the model holds that step's weights%s",
                 summary["steps"], where)
-  return History(list(res.history), list(res.evals), res.best, res.interrupted,
-                 None if tmp is not None else cfg.loop.output_dir)
+  m.history = History(list(res.history), list(res.evals), res.best, res.interrupted,
+                      cfg.loop.output_dir if given else None)
+  return m.history
+
+
+DISTILL_SHORTHANDS = {
+    "steps": "loop.max_steps", "epochs": "loop.num_epochs", "batch_size": "loop.batch_size",
+    "learning_rate": "optim.learning_rate", "seed": "loop.seed", "objective": "objective.kind",
+    "relation_heads": "objective.num_relation_heads", "init": "student.init",
+    "hidden_size": "student.hidden_size", "num_heads": "student.num_heads",
+    "max_length": "corpus.max_length", "held_out": "corpus.held_out",
+    "packing": "corpus.packing", "seq_len": "corpus.seq_len", "eval_every": "loop.eval_every",
+    "output_dir": "loop.output_dir", "resume": "loop.resume", "overwrite": "loop.overwrite",
+    "progress": "loop.progress", "dtype": "student.dtype",
+}
+
+
+def _config(cfg, shorthands: dict, overrides: dict, what: str):
+  """`cfg` with keyword `overrides`: a shorthand or section__key each, type-checked."""
+  from minilm_jax import configs
+  flat = {}
+  for key, value in overrides.items():
+    if key in shorthands:
+      flat[shorthands[key]] = value
+    elif "__" in key:
+      flat[key.replace("__", ".")] = value
+    else:
+      raise TypeError(f"{what}() got an unknown keyword {key!r}; use one of {sorted(shorthands)}"
+                      f" or a config key as section__key (sections: "
+                      f"{[f.name for f in dataclasses.fields(cfg)]}, e.g. optim__weight_decay)")
+  try:
+    return configs.merge(cfg, flat)
+  except KeyError as e:
+    raise TypeError(f"{what}(): {e.args[0]}") from None
+
+
+def distill(teacher, texts, *, layers: int | Sequence[int] = 3, eval_texts=None, **config):
+  """A student distilled from `teacher` (a loaded model or a path) on `texts` -> a Pretrained
+  encoder, its `history` set. `layers`: the student's depth (its layers start from the
+  teacher's, evenly spaced) or the teacher layers to copy; `init="random"` and `hidden_size`
+  build other students. Held out for the distillation loss: `eval_texts`, else the first
+  `held_out` texts (default a tenth, at most 1000). The job is `python -m train.distill`'s;
+  keywords: `DISTILL_SHORTHANDS` or section__key, checked as for `fit`."""
+  from minilm_jax.data import Source
+  from minilm_jax.pretrained import Pretrained, from_pretrained
+  from minilm_jax.recipes import distill as recipe
+  if not isinstance(teacher, Pretrained):
+    teacher = from_pretrained(teacher)
+  texts = _texts(texts, "distill")
+  cfg = recipe.DistillConfig(
+      teacher=recipe.TeacherSpec(path=str(teacher.source)),
+      corpus=recipe.CorpusSpec(source="examples",
+                               held_out=0 if eval_texts is not None else
+                               min(1000, len(texts) // 10)),
+      export_hf=False)
+  cfg = _config(cfg, DISTILL_SHORTHANDS, config, "distill")  # keyword errors first
+  n = teacher.config.num_layers
+  if isinstance(layers, int):
+    if not 1 <= layers <= n:
+      raise ValueError(f"distill: layers={layers}, the teacher has {n}")
+    # evenly spaced, the last one the teacher's last (same output space): 6 -> 3 is 1, 3, 5
+    layers = tuple(n - 1 - round((layers - 1 - i) * n / layers) for i in range(layers))
+  cfg = dataclasses.replace(cfg, student=dataclasses.replace(
+      cfg.student, layers=tuple(layers), num_layers=len(layers)))
+  src = lambda ts: Source("examples", examples=tuple({"text": t} for t in ts))
+  sources = (src(texts), src(_texts(eval_texts, "distill eval")) if eval_texts is not None
+             else None)
+  with _run_dir(cfg, "output_dir" in config) as cfg:
+    summary, student = recipe.run_job(cfg, teacher=teacher, sources=sources)
+  student.history = History(list(summary["history"]), list(summary["evals"]), summary["best"],
+                            summary["interrupted"],
+                            cfg.loop.output_dir if "output_dir" in config else None)
+  return student
 
 
 def _logits(m, texts, pairs, batch_size: int, max_length: int | None) -> np.ndarray:

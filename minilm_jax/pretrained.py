@@ -135,6 +135,7 @@ class Pretrained:
     self.source, self.task, self.num_labels = source, task, num_labels
     # What a classifier's outputs mean (saved with it; `fit` sets them from its labels).
     self.label_names = list(label_names) if label_names else None
+    self.history = None  # the last `fit` / `distill`'s api.History
     # How `encode` pools: the checkpoint's sentence-transformers modules (mean + normalise
     # when it has none).
     self.pooling = pooling or pooling_lib.read(source)

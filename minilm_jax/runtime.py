@@ -29,7 +29,13 @@ import sys
 log = logging.getLogger(__name__)
 
 # mallopt(3) parameters, from glibc's malloc.h.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
+# MINILM_JAX_TUNE_MALLOC -> mallopt settings ("0": none).
+MODES = {
+    "1": ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)),
+    "arena": ((_M_ARENA_MAX, 1),),
+    "mmap64": ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 64 << 20)),
+}
 _tuned = False
 
 
@@ -43,8 +49,11 @@ def tune_host_malloc() -> bool:
   global _tuned
   if _tuned:
     return True
-  if os.environ.get("MINILM_JAX_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+  mode = os.environ.get("MINILM_JAX_TUNE_MALLOC", "1")
+  if mode == "0" or not sys.platform.startswith("linux"):
     return False
+  if mode not in MODES:
+    raise ValueError(f"MINILM_JAX_TUNE_MALLOC={mode!r}: expected 0 or one of {sorted(MODES)}")
   if accelerator_expected():
     return False
   from jax._src import xla_bridge
@@ -58,8 +67,7 @@ def tune_host_malloc() -> bool:
   except (OSError, AttributeError):  # musl and other libcs have no mallopt
     return False
   # M_TRIM_THRESHOLD takes an int that glibc stores as size_t: -1 means "never trim".
-  ok = all(mallopt(param, value) == 1 for param, value in
-           ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+  ok = all(mallopt(param, value) == 1 for param, value in MODES[mode])
   _tuned = ok
   return ok
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,6 +13,7 @@ from test_finetune import sentiment_rows, write_csv
 
 import minilm_jax
 from minilm_jax import pretrained
+from train import distill as distill_cli
 from train import finetune as finetune_cli
 
 SMALL = dict(max_length=16, buckets=(8, 16), batch_size=8, learning_rate=1e-3, progress=False,
@@ -177,6 +177,36 @@ def test_ctrl_c_stops_at_a_step_boundary_and_leaves_a_resumable_checkpoint(tiny_
   assert jax.process_count() == 1
 
 
+def test_distill_equals_the_cli_and_returns_a_usable_student(tiny_hf_dir, tmp_path):
+  """`minilm_jax.distill` runs `python -m train.distill`'s job: same settings, same student."""
+  texts = [t for t, _ in sentiment_rows(72)]
+  (tmp_path / "corpus.txt").write_text("\n".join(texts) + "\n")
+  common = dict(relation_heads=4, steps=4, batch_size=8, max_length=16, eval_every=2,
+                progress=False, loop__log_every=1, optim__warmup_ratio=0.05)
+  argv = [f"--teacher.path={tiny_hf_dir}", "--corpus.source=text",
+          f"--corpus.train_path={tmp_path / 'corpus.txt'}", "--corpus.eval_path=",
+          "--corpus.held_out=8", "--corpus.max_length=16", "--student.layers=[1]",
+          "--objective.num_relation_heads=4", "--loop.max_steps=4", "--loop.batch_size=8",
+          "--loop.eval_every=2", "--loop.log_every=1", "--loop.progress=false",
+          f"--loop.output_dir={tmp_path / 'cli'}"]
+  assert distill_cli.main(argv) == 0
+  cli_student = pretrained.from_pretrained(tmp_path / "cli" / "final")
+  teacher = minilm_jax.from_pretrained(tiny_hf_dir)
+  student = minilm_jax.distill(teacher, texts, layers=1, held_out=8, **common)
+  assert student.config.num_layers == 1 and student.task == "encoder"
+  ours, theirs = _params(student.model), _params(cli_student.model)
+  assert ours.keys() == theirs.keys()
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  assert [r["step"] for r in student.history.steps] == [1, 2, 3, 4]
+  assert len(student.history.evals) == 2 and "loss" in student.history.evals[-1]
+  assert student.encode(texts[:3]).shape == (3, 32)
+  with pytest.raises(TypeError, match="unknown keyword 'step'"):
+    minilm_jax.distill(teacher, texts, step=4)
+  with pytest.raises(ValueError, match="layers=5, the teacher has 2"):
+    minilm_jax.distill(teacher, texts, layers=5)
+
+
 def test_notebook_shorthands_name_real_config_keys():
   from minilm_jax import api, configs
   from minilm_jax.recipes.finetune import FinetuneConfig
@@ -185,4 +215,9 @@ def test_notebook_shorthands_name_real_config_keys():
     section, field = key.split(".")
     value = getattr(getattr(cfg, section), field)
     assert configs.merge(cfg, {key: value}) == cfg, short
-  assert Path(api.__file__).name == "api.py"
+  from minilm_jax.recipes.distill import DistillConfig
+  cfg = DistillConfig()
+  for short, key in api.DISTILL_SHORTHANDS.items():
+    section, field = key.split(".")
+    value = getattr(getattr(cfg, section), field)
+    assert configs.merge(cfg, {key: value}) == cfg, short

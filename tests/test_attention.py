@@ -17,7 +17,7 @@ import optax
 import pytest
 from conftest import assert_parity, count_loops, random_batch
 
-from minilm_jax import attention, distill, trainer
+from minilm_jax import attention, distillation, trainer
 from minilm_jax.attention import cudnn
 from minilm_jax.config import TINY
 from minilm_jax.model import Encoder
@@ -108,8 +108,8 @@ def test_splash_student_and_teacher_give_the_dense_distillation_loss(monkeypatch
   def loss_and_grads(cfg):
     teacher = Encoder(cfg, rngs=nnx.Rngs(0))
     student = Encoder(cfg.replace(num_layers=1), rngs=nnx.Rngs(1))
-    obj = (distill.minilm_v1(teacher) if objective == "minilm_v1"
-           else distill.minilm_v2(teacher, num_relation_heads=2))
+    obj = (distillation.minilm_v1(teacher) if objective == "minilm_v1"
+           else distillation.minilm_v2(teacher, num_relation_heads=2))
     graphdef, params = nnx.split(student)
 
     def f(params):

@@ -1,6 +1,6 @@
 """Distillation: objectives at model level (zero for student == teacher, finite under padding,
 gradients vs finite differences), student init, the frozen teacher kept out of optimizer state and
-checkpoints, `train.distill.run` end to end, 8 devices vs 1, resume after a kill.
+checkpoints, `recipes.distill.run` end to end, 8 devices vs 1, resume after a kill.
 
 Everything uses tiny models (the shared TINY config; 1 layer, 2 for end-to-end teachers) and a
 small local text corpus written from the tiny WordPiece vocabulary. Compilation dominates the
@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 from conftest import random_batch, write_tiny_vocab
 
-from minilm_jax import distill, losses, pretrained, sharding
+from minilm_jax import distillation, losses, pretrained, sharding
 from minilm_jax.config import TINY
 from minilm_jax.heads import SequenceClassifier
 from minilm_jax.model import Encoder
+from minilm_jax.recipes import distill as distill_main
 from train import cli
-from train import distill as distill_main
 
 ROOT = Path(__file__).resolve().parents[1]
 # A wider init than TINY's 0.02 so that relations are far from uniform and losses are O(1).
@@ -64,15 +64,15 @@ def _models(kind, same: bool, narrow: bool = False, hard_weight: float = 0.0):
   teacher = make(CFG, 0)
   student = make(s_cfg, 0 if same else 1)
   if kind == "minilm_v1":
-    obj = distill.minilm_v1(teacher)
+    obj = distillation.minilm_v1(teacher)
   elif kind == "minilm_v2":
-    obj = distill.minilm_v2(teacher, num_relation_heads=4)
+    obj = distillation.minilm_v2(teacher, num_relation_heads=4)
   elif kind == "xtreme_hidden":
-    obj = distill.xtreme_hidden(teacher)
+    obj = distillation.xtreme_hidden(teacher)
     if narrow:
-      student = distill.StudentWithProjection(student, CFG.hidden_size, rngs=nnx.Rngs(2))
+      student = distillation.StudentWithProjection(student, CFG.hidden_size, rngs=nnx.Rngs(2))
   else:
-    obj = distill.logit_kd(teacher, temperature=2.0, soft_weight=1.0, hard_weight=hard_weight)
+    obj = distillation.logit_kd(teacher, temperature=2.0, soft_weight=1.0, hard_weight=hard_weight)
   return teacher, student, obj
 
 
@@ -165,7 +165,7 @@ def test_objective_zero_for_teacher_positive_finite_and_gradient(kind, narrow):
 def test_v2_with_relation_heads_equal_to_heads_is_the_per_head_formula():
   batch = _batch()
   teacher, student, _ = _models("minilm_v2", same=False)
-  obj = distill.minilm_v2(teacher, num_relation_heads=CFG.num_heads)
+  obj = distillation.minilm_v2(teacher, num_relation_heads=CFG.num_heads)
   out, t, s = _evaluator(obj, teacher, student, batch)(student)
   lengths = np.asarray(batch["attention_mask"]).sum(-1)
   want = np.zeros(len(lengths))
@@ -186,19 +186,21 @@ def test_v1_head_mismatch_names_minilmv2():
   teacher = Encoder(CFG, rngs=nnx.Rngs(0))
   student_cfg = CFG.replace(num_heads=2)
   with pytest.raises(ValueError, match="MiniLMv2"):
-    distill.minilm_v1(teacher, student_cfg=student_cfg)
-  obj = distill.minilm_v1(teacher)  # no config given: tracing the first step fails, same message
+    distillation.minilm_v1(teacher, student_cfg=student_cfg)
+  # no config given: tracing the first step fails, same message
+  obj = distillation.minilm_v1(teacher)
   student = Encoder(student_cfg, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="MiniLMv2"):
     jax.eval_shape(lambda: obj.eval_fn(student, _batch(), obj.frozen))
-  distill.minilm_v2(teacher, num_relation_heads=4, student_cfg=student_cfg)  # the way out
+  distillation.minilm_v2(teacher, num_relation_heads=4, student_cfg=student_cfg)  # the way out
   with pytest.raises(ValueError, match="num_relation_heads=5 must divide"):
-    distill.minilm_v2(teacher, num_relation_heads=5, student_cfg=student_cfg)
+    distillation.minilm_v2(teacher, num_relation_heads=5, student_cfg=student_cfg)
 
 
 def test_init_from_teacher_layers_copies_embeddings_and_chosen_layers():
   teacher = Encoder(CFG.replace(num_layers=4), rngs=nnx.Rngs(0))
-  student = distill.init_from_teacher_layers(teacher, CFG.replace(num_layers=2), (1, 3), seed=5)
+  student = distillation.init_from_teacher_layers(teacher, CFG.replace(num_layers=2), (1, 3),
+                                                  seed=5)
   t, s = pretrained.flat_params(teacher), pretrained.flat_params(student)
   for name, value in s.items():
     src = re.sub(r"^layers/(\d)/", lambda m: f"layers/{(1, 3)[int(m.group(1))]}/", name)
@@ -206,16 +208,16 @@ def test_init_from_teacher_layers_copies_embeddings_and_chosen_layers():
   assert not any(a is b for a, b in zip(jax.tree.leaves(nnx.state(teacher)),
                                         jax.tree.leaves(nnx.state(student))))
   with pytest.raises(ValueError, match="teacher's shapes"):
-    distill.init_from_teacher_layers(teacher, NARROW.replace(num_layers=2), (1, 3))
+    distillation.init_from_teacher_layers(teacher, NARROW.replace(num_layers=2), (1, 3))
   with pytest.raises(ValueError, match="2 teacher layers given for a 3-layer"):
-    distill.init_from_teacher_layers(teacher, CFG.replace(num_layers=3), (1, 3))
+    distillation.init_from_teacher_layers(teacher, CFG.replace(num_layers=3), (1, 3))
 
 
 def test_cast_model_bfloat16_teacher():
   teacher = Encoder(CFG, rngs=nnx.Rngs(0))
-  bf16 = distill.cast_model(teacher, "bfloat16")
+  bf16 = distillation.cast_model(teacher, "bfloat16")
   assert {x.dtype for x in jax.tree.leaves(nnx.state(bf16))} == {jnp.dtype(jnp.bfloat16)}
-  obj = distill.minilm_v2(bf16, num_relation_heads=4)
+  obj = distillation.minilm_v2(bf16, num_relation_heads=4)
   per_ex = _evaluator(obj, bf16, teacher, _batch())(teacher)[0]["loss"]
   assert np.all(np.isfinite(per_ex)) and float(np.max(per_ex)) < 0.05
 
@@ -336,7 +338,8 @@ def test_run_v1_head_mismatch_fails_before_training(assets, tmp_path):
 _DEVICES_SCRIPT = """
 import json
 import jax
-from train import cli, distill
+from minilm_jax.recipes import distill
+from train import cli
 assert len(jax.devices()) == 8, jax.devices()
 cfg, _ = cli.load(distill.DistillConfig, "distill_packaged", {overrides!r}, default="x")
 print("RESULT" + json.dumps([h["loss"] for h in distill.run(cfg)["history"]]))
@@ -436,13 +439,13 @@ def test_copy_params_refuses_mismatched_shapes_and_names_them():
                             rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match=r"encoder/layers/0/mlp/wi/kernel: source \(32, 64\), "
                                        r"destination \(32, 128\)") as e:
-    distill.copy_params(src, wide)
+    distillation.copy_params(src, wide)
   assert "fresh=" in str(e.value)
   other_head = SequenceClassifier(CFG, 2, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="classifier/kernel"):
-    distill.copy_params(src, other_head)
+    distillation.copy_params(src, other_head)
   before = np.asarray(other_head.classifier.kernel[...])
-  copied = distill.copy_params(src, other_head, fresh=("classifier/",))
+  copied = distillation.copy_params(src, other_head, fresh=("classifier/",))
   assert "encoder/layers/0/mlp/wi/kernel" in copied and "classifier/kernel" not in copied
   np.testing.assert_array_equal(other_head.classifier.kernel[...], before)
   np.testing.assert_array_equal(other_head.encoder.embed.word[...], src.encoder.embed.word[...])
@@ -459,10 +462,11 @@ def test_teacher_stops_at_the_deepest_layer_the_objective_reads(kind):
   teacher's outputs are the full teacher's first layer."""
   teacher = Encoder(CFG.replace(num_layers=3, inference_chunk_tokens=0), rngs=nnx.Rngs(0))
   student = Encoder(CFG, rngs=nnx.Rngs(1))
-  make = {"minilm_v1": lambda i: distill.minilm_v1(teacher, teacher_layer=i),
-          "minilm_v2": lambda i: distill.minilm_v2(teacher, num_relation_heads=4,
+  make = {"minilm_v1": lambda i: distillation.minilm_v1(teacher, teacher_layer=i),
+          "minilm_v2": lambda i: distillation.minilm_v2(teacher, num_relation_heads=4,
                                                    teacher_layer=i),
-          "xtreme_hidden": lambda i: distill.xtreme_hidden(teacher, layer_map=(0, i + 1))}[kind]
+          "xtreme_hidden": lambda i: distillation.xtreme_hidden(teacher,
+                                                                layer_map=(0, i + 1))}[kind]
   batch = _batch()
   dots = {}
   for i in (0, 2):
@@ -472,8 +476,8 @@ def test_teacher_stops_at_the_deepest_layer_the_objective_reads(kind):
     assert np.isfinite(np.asarray(obj.loss_fn(student, batch, None, obj.frozen)[0])).all()
   per_layer = (dots[2] - dots[0]) / 2
   assert per_layer >= 6, dots  # q, k, v, o, wi, wo (and the attention products)
-  (run_1, params), (run_all, _) = distill._teacher_runner(teacher, 1), distill._teacher_runner(
-      teacher)
+  (run_1, params) = distillation._teacher_runner(teacher, 1)
+  (run_all, _) = distillation._teacher_runner(teacher)
   (_, one), (_, full) = run_1(params, batch), run_all(params, batch)
   assert len(one["q"]) == 1 and len(one["hidden_states"]) == 2 and "pooled" not in one
   for name in ("q", "k", "v"):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import WORDS, assert_parity, random_batch
 
-from minilm_jax import checkpoint, data, distill, finetune, pretrained, trainer
+from minilm_jax import checkpoint, data, distillation, finetune, pretrained, trainer
 from minilm_jax.config import TINY
 from minilm_jax.optim import OptimConfig
 from minilm_jax.recipes import finetune as ft
@@ -180,7 +180,7 @@ def test_microbatches_take_the_whole_batch_step(objective):
     model, obj = pretrained.build(cfg, "classification", 3, seed=0), finetune.classification(3)
   else:  # a frozen teacher rides along
     model = pretrained.build(cfg, "encoder", seed=1)
-    obj = distill.minilm_v2(pretrained.build(cfg, "encoder", seed=0), num_relation_heads=4)
+    obj = distillation.minilm_v2(pretrained.build(cfg, "encoder", seed=0), num_relation_heads=4)
   batch = random_batch(cfg, batch=6, length=7)
   batch["labels"] = np.array([0, 1, 2, 2, 1, 0], np.int32)
   batch["weights"] = np.array([1, 1, 0, 1, 1, 1], np.float32)  # slices: rows 0,2,4 and 1,3,5
@@ -312,6 +312,18 @@ def test_bad_inputs_name_file_and_line(tiny_hf_dir, tmp_path):
     ft.run(base_cfg(tiny_hf_dir, tmp_path, **{"data.source": "jsonl",
                                               "data.train_path": str(jl),
                                               "data.eval_path": ""}))
+
+
+def test_a_latin1_file_names_the_encoding_option_that_reads_it(tiny_hf_dir, tmp_path):
+  rows = sentiment_rows(16)
+  rows[5] = ("caf\xe9 good fun", "pos")
+  path = tmp_path / "latin.csv"
+  path.write_bytes(("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows)).encode("latin-1"))
+  over = {"data.train_path": str(path), "data.eval_path": "", "loop.max_steps": 1}
+  with pytest.raises(ValueError, match=r"latin.csv, line 7: not utf-8 text.*data.encoding="):
+    ft.run(base_cfg(tiny_hf_dir, tmp_path, **over))
+  assert ft.run(base_cfg(tiny_hf_dir, tmp_path, **over, **{"data.encoding": "latin-1",
+                                                          "loop.overwrite": True}))["steps"] == 1
 
 
 def test_help_lists_every_override_key_with_type_default_and_meaning(capsys):

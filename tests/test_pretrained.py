@@ -483,12 +483,13 @@ def test_packed_distillation_losses_equal_unpacked(kind, gt, batch):
   """all-MiniLM-L6-v2 teaching a 3-layer student made of its layers 0, 2, 4: each objective's
   loss over packed rows (rows weighted by their segment counts, as the loop does) equals the
   mean over the unpacked examples within 1e-5 (relative)."""
-  from minilm_jax import distill
+  from minilm_jax import distillation
   teacher = gt.encoder
-  student = distill.init_from_teacher_layers(teacher, gt.config.replace(num_layers=3), (0, 2, 4))
-  obj = {"minilm_v1": lambda: distill.minilm_v1(teacher),
-         "minilm_v2": lambda: distill.minilm_v2(teacher, num_relation_heads=48),
-         "xtreme_hidden": lambda: distill.xtreme_hidden(teacher)}[kind]()
+  student = distillation.init_from_teacher_layers(teacher, gt.config.replace(num_layers=3),
+                                                  (0, 2, 4))
+  obj = {"minilm_v1": lambda: distillation.minilm_v1(teacher),
+         "minilm_v2": lambda: distillation.minilm_v2(teacher, num_relation_heads=48),
+         "xtreme_hidden": lambda: distillation.xtreme_hidden(teacher)}[kind]()
   graphdef = nnx.split(student)[0]
   unpacked = {**batch, "weights": np.ones(len(batch["input_ids"]), np.float32)}
   packed, _ = pack_rows(batch, 128)

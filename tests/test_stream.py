@@ -21,7 +21,7 @@ from test_distill import ROOT, _cfg, _overrides, assets, compilation_cache  # no
 from test_multihost import free_port
 
 from minilm_jax import checkpoint, data, pretrained
-from train import distill as distill_main
+from minilm_jax.recipes import distill as distill_main
 
 STEPS = 20
 
@@ -105,7 +105,8 @@ _HOST_SCRIPT = """
 import json, sys
 import jax
 from minilm_jax import data, sharding
-from train import cli, distill
+from minilm_jax.recipes import distill
+from train import cli
 sharding.initialize_distributed()
 cfg, _ = cli.load(distill.DistillConfig, "distill_packaged", {overrides!r}, default="x")
 summary = distill.run(cfg)

@@ -118,6 +118,10 @@ def _table_records(path: Path, delimiter, quoted, encoding):
   return header, records
 
 
+ENCODING_HINT = ("set the file's encoding: data.encoding= (train.finetune) or corpus.encoding= "
+                 "(train.distill) on the command line, encoding= in Python; e.g. latin-1")
+
+
 def _without_bom(encoding: str) -> str:
   # utf-8-sig reads plain UTF-8 too and drops a byte-order mark, which would otherwise glue
   # itself to the first column name (or break the first JSON line).
@@ -132,8 +136,8 @@ def _decode_error(path: Path, encoding: str) -> ValueError:
     raw.decode(encoding)
   except UnicodeDecodeError as e:
     line = raw[:e.start].count(b"\n") + 1
-    return ValueError(f"{path}, line {line}: not {encoding} text ({e.reason}); pass encoding=")
-  return ValueError(f"{path}: not {encoding} text; pass encoding=")
+    return ValueError(f"{path}, line {line}: not {encoding} text ({e.reason}); {ENCODING_HINT}")
+  return ValueError(f"{path}: not {encoding} text; {ENCODING_HINT}")
 
 
 def _jsonl_records(path: Path, encoding):

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from minilm_jax.data.files import (
+  ENCODING_HINT,
   _check_columns,
   _jsonl_records,
   _to_examples,
@@ -153,8 +154,8 @@ def _split_lines(source: Source, split: dict) -> Iterator[tuple[int, str]]:
     text = raw.decode(source.encoding)
   except UnicodeDecodeError as e:
     line = split["line"] + raw[:e.start].count(b"\n")
-    raise ValueError(f"{split['path']}, line {line}: not {source.encoding} text ({e.reason})"
-                     ) from None
+    raise ValueError(f"{split['path']}, line {line}: not {source.encoding} text ({e.reason}); "
+                     f"{ENCODING_HINT}") from None
   for i, line in enumerate(text.split("\n")):
     yield split["line"] + i, line
 

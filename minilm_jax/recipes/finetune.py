@@ -59,6 +59,7 @@ class DataSpec:
   text_column: str = "text"
   pair_column: str | None = None
   label_column: str = "label"
+  encoding: str = "utf-8"               # of csv/tsv/jsonl files (e.g. latin-1, cp1252)
   label_names: tuple[str, ...] = ()
   max_length: int = 128
   buckets: tuple[int, ...] = (32, 64, 128)
@@ -109,7 +110,7 @@ def load_examples(spec: DataSpec, task: TaskSpec, names: list[str] | None = None
     return mem(train), {"held_out": mem(test)}, names
   if spec.source in ("csv", "tsv", "jsonl"):
     cols = dict(text_column=spec.text_column, pair_column=spec.pair_column,
-                label_column=spec.label_column, regression=regression)
+                label_column=spec.label_column, regression=regression, encoding=spec.encoding)
     file_source = lambda path: data.Source(spec.source, paths=(path,), **cols,
                                            label_names=tuple(names) if names else None)
     evals = {"eval": file_source(spec.eval_path)} if spec.eval_path else {}
@@ -180,7 +181,8 @@ def label_names(spec: DataSpec, task: TaskSpec) -> list[str] | None:
       raise ValueError(f"{spec.train_path}: prepared without label names; pass data.label_names")
     return names
   if spec.source in ("csv", "tsv", "jsonl"):
-    names = data.infer_label_names(spec.train_path, label_column=spec.label_column)
+    names = data.infer_label_names(spec.train_path, label_column=spec.label_column,
+                                   encoding=spec.encoding)
     if not names:
       raise ValueError(f"{spec.train_path}: no examples, so no labels to train on")
     return names
@@ -193,7 +195,8 @@ def _read_capped(train_src, eval_srcs, names):
   read = data.read_jsonl if train_src.kind == "jsonl" else data.read_table
   def load(src):
     ex = read(src.paths[0], text_column=src.text_column, pair_column=src.pair_column,
-              label_column=src.label_column, regression=src.regression, label_names=names)
+              label_column=src.label_column, regression=src.regression, label_names=names,
+              encoding=src.encoding)
     return data.Source("examples", examples=tuple(ex), regression=src.regression,
                        label_names=tuple(names) if names else None)
   return load(train_src), {k: load(v) for k, v in eval_srcs.items()}
