@@ -33,7 +33,7 @@ def run_notebook(name: str, monkeypatch, **params) -> dict:
 
 def test_every_notebook_is_tested():
   tested = {"finetune_classification.ipynb", "sentence_embeddings.ipynb",
-            "convert_and_export.ipynb"}
+            "convert_and_export.ipynb", "distillation.ipynb"}
   assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == tested
 
 
@@ -64,3 +64,11 @@ def test_convert_and_export_notebook(monkeypatch):
   # (test_pretrained: 1e-5 abs on this checkpoint).
   assert res["hidden_err"] < 1e-5
   assert res["embed_err"] < 1e-5
+
+
+@pytest.mark.slow
+def test_distillation_notebook(monkeypatch):
+  res = run_notebook("distillation.ipynb", monkeypatch, NB_TEXTS=1500, NB_STEPS=24)
+  assert res["layers"] == 3
+  assert res["last_eval_loss"] < res["first_eval_loss"]
+  assert res["cosine_to_teacher"] > 0.5
