@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import math
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ from minilm_jax import runtime, sharding
 from minilm_jax.checkpoint import Checkpoints, data_spec
 from minilm_jax.metric_log import MetricLogger
 from minilm_jax.optim import OptimConfig, make_optimizer
+from minilm_jax.preemption import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -216,63 +216,6 @@ def make_eval_step(graphdef, objective: Objective):
 
 # --- the loop -------------------------------------------------------------------------------
 
-class _Preemption:
-  """SIGTERM (a preemption notice) or Ctrl-C: finish the current step, checkpoint, stop cleanly.
-
-  One process: Python handlers set a flag that the loop reads once per step. Python runs
-  handlers between bytecodes, so a signal during compilation or a checkpoint write takes effect
-  when that call returns, and the step in flight still completes. Ctrl-C (SIGINT; a notebook's
-  interrupt) works the same way, and a second Ctrl-C raises KeyboardInterrupt at once.
-
-  Several processes: saving is collective, so all must stop after the same step, yet a notice
-  may reach only some of them. `jax.distributed.initialize()` installs JAX's own SIGTERM
-  notifier, which tells the coordination service; `reached_preemption_sync_point(step)` then
-  turns true on every process at the same step (one past the furthest). Installing a Python
-  handler there would replace JAX's and hide the notice, so none is installed.
-  """
-
-  def __init__(self):
-    self.requested = self.interrupted = False
-    self._old: dict = {}
-    self._multi = jax.process_count() > 1
-
-  def __enter__(self):
-    if self._multi:
-      return self
-    for sig, handler in ((signal.SIGTERM, self._handle), (signal.SIGINT, self._interrupt)):
-      try:
-        self._old[sig] = signal.signal(sig, handler)
-      except ValueError:  # not in the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def _interrupt(self, signum, frame):
-    del frame
-    if self.interrupted:  # the second Ctrl-C: stop now
-      signal.signal(signum, self._old.get(signum, signal.default_int_handler))
-      raise KeyboardInterrupt
-    log.warning("interrupted: stopping after this step (Ctrl-C again to stop at once)")
-    self.requested = self.interrupted = True
-
-  def should_stop(self, step: int) -> bool:
-    """Call once after every step (the multi-process protocol counts the calls)."""
-    if not self._multi:
-      return self.requested
-    from jax.experimental import multihost_utils
-    try:
-      return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:  # jax_enable_preemption_service=False: no coordinated stop
-      return False
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-
 @dataclasses.dataclass
 class Result:
   state: Any
@@ -323,12 +266,12 @@ def train(model: nnx.Module, objective: Objective, train_batches, loop: LoopConf
   # The SIGTERM handler goes in first: a notice during set-up, restore or the first
   # compilation still ends with a completed step and a checkpoint. Steps are traced inside
   # `activation_sharding`, so the model's activation constraints see this mesh.
-  with _Preemption() as preemption, sharding.activation_sharding(mesh, rules):
+  with StopRequest() as preemption, sharding.activation_sharding(mesh, rules):
     return _train(preemption, model, objective, train_batches, loop, optim, mesh, rules,
                   eval_batches=eval_batches, on_eval=on_eval, logger=logger)
 
 
-def _train(preemption: _Preemption, model, objective, train_batches, loop, optim, mesh, rules,
+def _train(preemption: StopRequest, model, objective, train_batches, loop, optim, mesh, rules,
            *, eval_batches, on_eval, logger) -> Result:
   size = getattr(train_batches, "batch_size", loop.batch_size)
   if loop.microbatches < 1 or size % loop.microbatches:
