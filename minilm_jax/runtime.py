@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,59 @@ def accelerator_expected() -> bool:
              and any(glob.glob(pattern) for pattern in _DEVICES[kind]) for kind in _PLUGINS)
 
 
-def enable_compilation_cache(path: str | os.PathLike) -> None:
-  """JAX's persistent compilation cache in `path`, for every executable however quick to
-  compile (JAX's defaults skip those under 1 s). Callable at any time: the cache is reset so
-  that the new directory takes effect for the compilations that follow."""
+DEFAULT_CACHE_BYTES = 4 << 30
+
+
+def default_cache_dir() -> Path:
+  """Where compiled executables are kept by default: $MINILM_JAX_CACHE, else
+  $XDG_CACHE_HOME/minilm_jax or ~/.cache/minilm_jax, in `jax-<jaxlib>-<machine>`. The machine
+  tag hashes the CPU's model and feature flags: XLA:CPU compiles for the host's instruction set,
+  so a home directory shared by Intel and AMD machines (or older and newer ones) keeps one cache
+  each instead of loading code a CPU cannot run."""
+  import jaxlib
+  base = os.environ.get("MINILM_JAX_CACHE") or Path(
+      os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minilm_jax"
+  return Path(base) / f"jax-{jaxlib.__version__}-{_machine_tag()}"
+
+
+def _machine_tag() -> str:
+  import hashlib
+  import platform
+  facts = [platform.machine()]
+  try:
+    with open("/proc/cpuinfo") as f:
+      facts += sorted({line.strip() for line in f
+                       if line.startswith(("model name", "flags", "Features", "CPU part"))})
+  except OSError:
+    facts.append(platform.processor())
+  return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:12]
+
+
+def enable_compilation_cache(path: str | os.PathLike) -> Path | None:
+  """JAX's persistent compilation cache in `path` ("default": `default_cache_dir()`; "": off),
+  for every executable however quick to compile (JAX's defaults skip those under 1 s).
+  Callable at any time: the cache is reset so that the new directory takes effect for the
+  compilations that follow. A directory that cannot be created leaves the cache off, with a
+  warning: the run goes on compiling as usual. -> the directory, or None when off."""
+  if not path:
+    return None
   import jax
   from jax.experimental.compilation_cache import compilation_cache as cc
-  os.makedirs(path, exist_ok=True)
+  default = str(path) == "default"
+  path = default_cache_dir() if default else Path(path).expanduser()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    log.warning("compilation cache off: cannot create %s (%s)", path, e)
+    return None
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if default and importlib.util.find_spec("filelock"):
+    # The default directory is in the user's home: least recently used entries go past 4 GiB
+    # (JAX's eviction, which also locks writes between processes).
+    jax.config.update("jax_compilation_cache_max_size", DEFAULT_CACHE_BYTES)
+  else:
+    jax.config.update("jax_compilation_cache_max_size", -1)
   cc.reset_cache()
+  return path

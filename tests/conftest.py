@@ -21,6 +21,10 @@ from minilm_jax import pretrained
 from minilm_jax.config import TINY, ModelConfig
 
 minilm_jax.tune_host_malloc()  # as the entry points do; each pytest worker is a fresh process
+# The training loop's default compilation cache, for the suite and the CLIs it starts, in the
+# checkout rather than the user's home (a rerun of the suite compiles little).
+os.environ.setdefault("MINILM_JAX_CACHE", str(Path(__file__).resolve().parents[1] /
+                                              ".pytest_cache" / "minilm_jax"))
 
 INSTALL_GT = (
     "the real all-MiniLM-L6-v2 checkpoint is not installed. Install it with\n"
