@@ -1,7 +1,9 @@
 """minilm_jax: MiniLM-family BERT encoders in JAX/Flax NNX.
 
 The notebook API: `from_pretrained` (pretrained.py) gives a model with its tokenizer, `encode`,
-exports and, for classifiers, `fit` / `predict` / `evaluate`; `distill` makes students (api.py).
+exports and `fit`: classifiers `fit(texts, labels)` / `predict` / `evaluate`, encoders
+`fit(anchors, positives)` (contrastive), QA models `fit(squad)` / `answer`; `distill` makes
+students (api.py).
 The architecture is in `config.py`, `model.py`, `heads.py`; the jobs the CLIs run in `recipes/`.
 """
 

@@ -52,6 +52,7 @@ class History:
   best: dict | None = None
   interrupted: bool = False
   output_dir: str | None = None
+  start: dict | None = None  # the metrics before training (sentence-embedding fits)
 
   def plot(self):
     """A matplotlib Figure of the loss and eval curves (shown inline in a notebook)."""
@@ -169,14 +170,27 @@ def config_for(m, overrides: dict[str, Any]):
 
 
 @contextlib.contextmanager
-def _run_dir(cfg, given: bool):
-  """`cfg` with its run directory: the given one (exports on), else a temporary one that is
-  deleted afterwards."""
+def _run_dir(cfg, given: bool, export: str = "export_hf"):
+  """`cfg` with its run directory: the given one (the `export` flag on), else a temporary one
+  that is deleted afterwards."""
   if given:
-    yield dataclasses.replace(cfg, export_hf=True)
+    yield dataclasses.replace(cfg, **{export: True})
     return
   with tempfile.TemporaryDirectory(prefix="minilm_") as tmp:
     yield dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, output_dir=tmp))
+
+
+def _history(m, summary: dict, cfg, given: bool) -> History:
+  """`m.history` from a job's summary; a warning when Ctrl-C cut the run short."""
+  out = cfg.loop.output_dir if given else None
+  if summary["interrupted"]:
+    where = (f"; checkpoint in {out}/checkpoints: the same call with output_dir={out!r}, "
+             f"resume=True continues" if given else "")
+    log.warning("training interrupted after step %d; the model holds that step's weights%s",
+                summary["steps"], where)
+  m.history = History(list(summary["history"]), list(summary["evals"]), summary["best"],
+                      summary["interrupted"], out, summary.get("start"))
+  return m.history
 
 
 def fit(m, texts, labels, *, pairs=None, eval=None, **config) -> History:
@@ -202,14 +216,11 @@ def fit(m, texts, labels, *, pairs=None, eval=None, **config) -> History:
   with _run_dir(cfg, given) as cfg:
     summary, res = recipe.run_job(cfg, model=m, sources=sources)
   m.model, m.label_names = res.model, names
-  if res.interrupted:
-    where = (f"; checkpoint in {cfg.loop.output_dir}/checkpoints: fit(..., output_dir="
-             f"{cfg.loop.output_dir!r}, resume=True) continues" if given else "")
-    log.warning("fit interrupted after step %d; the model holds that step's weights%s",
-                summary["steps"], where)
-  m.history = History(list(res.history), list(res.evals), res.best, res.interrupted,
-                      cfg.loop.output_dir if given else None)
-  return m.history
+  return _history(m, _loop_summary(summary, res), cfg, given)
+
+
+def _loop_summary(summary: dict, res) -> dict:
+  return {**summary, "history": res.history, "evals": res.evals, "interrupted": res.interrupted}
 
 
 DISTILL_SHORTHANDS = {
@@ -274,12 +285,176 @@ def distill(teacher, texts, *, layers: int | Sequence[int] = 3, eval_texts=None,
   src = lambda ts: Source("examples", examples=tuple({"text": t} for t in ts))
   sources = (src(texts), src(_texts(eval_texts, "distill eval")) if eval_texts is not None
              else None)
-  with _run_dir(cfg, "output_dir" in config) as cfg:
+  given = "output_dir" in config
+  with _run_dir(cfg, given) as cfg:
     summary, student = recipe.run_job(cfg, teacher=teacher, sources=sources)
-  student.history = History(list(summary["history"]), list(summary["evals"]), summary["best"],
-                            summary["interrupted"],
-                            cfg.loop.output_dir if "output_dir" in config else None)
+  _history(student, summary, cfg, given)
   return student
+
+
+# --- sentence embeddings: contrastive pairs (recipes/embed.py, `python -m train.embed`) --------
+
+EMBED_SHORTHANDS = {
+    **{k: v for k, v in SHORTHANDS.items() if k != "buckets"}, "buckets": "data.buckets",
+    "scale": "objective.scale", "symmetric": "objective.symmetric",
+    "matryoshka_dims": "objective.matryoshka_dims", "grad_cache_chunk":
+    "objective.grad_cache_chunk", "pooling": "objective.pooling",
+    "mask_duplicates": "objective.mask_duplicates",
+}
+
+
+def _negatives(negatives, n: int) -> list[list[str]]:
+  """Hard negatives: one text per anchor, or K texts per anchor (the same K for all)."""
+  negatives = list(negatives)
+  if len(negatives) != n:
+    raise ValueError(f"fit: {n} anchors but {len(negatives)} negatives")
+  rows = [[x] if isinstance(x, str) else list(x) for x in negatives]
+  ks = {len(r) for r in rows}
+  if len(ks) != 1 or 0 in ks:
+    raise ValueError(f"fit: every anchor needs the same number (>= 1) of negatives, got {ks}")
+  for i, r in enumerate(rows):
+    _texts(r, f"fit negatives of anchor {i}")
+  return rows
+
+
+def fit_pairs(m, anchors, positives, *, negatives=None, eval_retrieval=None, eval_sts=None,
+              **config) -> History:
+  """Trains encoder `m` contrastively in place: each anchor against its positive and every
+  other text of the global batch (MultipleNegativesRankingLoss, scale 20 on cosine; equal
+  texts are masked, not negatives). `negatives`: hard negatives, one or K per anchor.
+  Evaluated before training and every `eval_every` steps: `eval_retrieval=(queries, documents)`
+  (MRR@10, nDCG@10, Recall@1/10, the i-th document relevant to the i-th query) and
+  `eval_sts=(sentences1, sentences2, scores)` (Spearman of cosine). The job is
+  `python -m train.embed`'s; keywords: `EMBED_SHORTHANDS` or section__key."""
+  from minilm_jax.recipes import embed as recipe
+  from minilm_jax.recipes.finetune import ModelSpec
+  if m.task != "encoder":
+    raise ValueError(f"fit(anchors, positives) trains an encoder; this one is a {m.task!r} "
+                     f"model (load it with minilm_jax.from_pretrained(path))")
+  anchors = _texts(anchors, "fit anchors")
+  if positives is None:
+    raise TypeError("fit(anchors, positives): an encoder trains on pairs; positives missing")
+  positives = _pairs(positives, len(anchors), "fit")
+  columns = ["anchor", "positive"]
+  rows = [{"anchor": a, "positive": p} for a, p in zip(anchors, positives)]
+  if negatives is not None:
+    neg = _negatives(negatives, len(anchors))
+    columns += [f"negative_{k + 1}" for k in range(len(neg[0]))]
+    rows = [{**r, **{c: t for c, t in zip(columns[2:], ns)}} for r, ns in zip(rows, neg)]
+  examples = {"train": rows}
+  if eval_retrieval is not None:
+    if not isinstance(eval_retrieval, (tuple, list)) or len(eval_retrieval) != 2:
+      raise TypeError("fit: eval_retrieval must be (queries, documents)")
+    q = _texts(eval_retrieval[0], "fit eval_retrieval queries")
+    d = _pairs(eval_retrieval[1], len(q), "fit eval_retrieval")
+    examples["retrieval"] = [{"query": a, "document": b} for a, b in zip(q, d)]
+  if eval_sts is not None:
+    if not isinstance(eval_sts, (tuple, list)) or len(eval_sts) != 3:
+      raise TypeError("fit: eval_sts must be (sentences1, sentences2, scores)")
+    s1 = _texts(eval_sts[0], "fit eval_sts")
+    s2 = _pairs(eval_sts[1], len(s1), "fit eval_sts")
+    scores = list(eval_sts[2])
+    for i, y in enumerate(scores):
+      if isinstance(y, bool) or not isinstance(y, (int, float, np.integer, np.floating)):
+        raise ValueError(f"fit eval_sts: score {i} ({y!r}) is not a number")
+    if len(scores) != len(s1):
+      raise ValueError(f"fit eval_sts: {len(s1)} sentence pairs but {len(scores)} scores")
+    examples["sts"] = [{"sentence1": a, "sentence2": b, "score": float(y)}
+                       for a, b, y in zip(s1, s2, scores)]
+  cfg = recipe.EmbedConfig(
+      model=ModelSpec(path=str(m.source), dtype=m.config.dtype),
+      data=recipe.EmbedData(source="examples", columns=tuple(columns)),
+      export_sentence_transformers=False)
+  cfg = _config(cfg, EMBED_SHORTHANDS, config, "fit")
+  given = "output_dir" in config
+  with _run_dir(cfg, given, "export_sentence_transformers") as cfg:
+    summary, trained = recipe.run_job(cfg, model=m, examples=examples)
+  m.model, m.pooling = trained.model, trained.pooling
+  return _history(m, summary, cfg, given)
+
+
+# --- extractive QA (recipes/finetune.py's run_qa) ------------------------------------------------
+
+QA_SHORTHANDS = {**SHORTHANDS, "doc_stride": "data.doc_stride",
+                 "max_answer_length": "data.max_answer_length", "version_2": "data.version_2"}
+
+
+def _qa_examples(examples, what: str) -> list[dict]:
+  """A SQuAD-format JSON file or records (see `squad.from_records`)."""
+  import os
+
+  from minilm_jax import squad
+  if isinstance(examples, (str, os.PathLike)):
+    return squad.read_squad_json(examples)
+  if isinstance(examples, dict):
+    raise TypeError(f"{what}: a list of records or a SQuAD JSON path, not one dict")
+  return squad.from_records(list(examples), source=what)
+
+
+def fit_qa(m, examples, *, eval=None, **config) -> History:
+  """Fine-tunes span-QA model `m` in place on SQuAD-format `examples`: a JSON file's path or
+  records ({"question", "context", "answers": {"text", "answer_start"}} or {"question",
+  "context", "answer"}); `eval` the same, scored by exact match and F1. The job is `python -m
+  train.finetune --task.kind=qa`'s; keywords: `QA_SHORTHANDS` or section__key."""
+  from minilm_jax.recipes import finetune as recipe
+  if m.task != "qa":
+    raise ValueError(f"fit(examples) on SQuAD-format data needs a 'qa' model; this one is a "
+                     f"{m.task!r} model (minilm_jax.from_pretrained(path, 'qa'))")
+  cfg = recipe.FinetuneConfig(
+      model=recipe.ModelSpec(path=str(m.source), dtype=m.config.dtype),
+      data=recipe.DataSpec(source="examples"), task=recipe.TaskSpec(kind="qa"), export_hf=False)
+  cfg = _config(cfg, QA_SHORTHANDS, config, "fit")
+  train = _qa_examples(examples, "fit")
+  ev = _qa_examples(eval, "fit eval") if eval is not None else []
+  given = "output_dir" in config
+  with _run_dir(cfg, given) as cfg:
+    summary, res = recipe.run_job(cfg, model=m, qa_examples=(train, ev))
+  m.model = res.model
+  return _history(m, _loop_summary(summary, res), cfg, given)
+
+
+def answer(m, question, context, *, batch_size: int = 32, max_length: int = 384,
+           doc_stride: int = 128, max_query_length: int = 64, max_answer_length: int = 30):
+  """The answer span of `context` to `question` -> {"answer", "start", "end", "score"}
+  (character offsets into the context; score = start + end logit); lists of questions and
+  contexts give a list. Long contexts are read in overlapping windows, as in training."""
+  import flax.nnx as nnx
+  import jax
+  import jax.numpy as jnp
+
+  from minilm_jax import squad
+  if m.task != "qa":
+    raise ValueError(f"answer needs a 'qa' model; this one is a {m.task!r} model")
+  single = isinstance(question, str)
+  questions = _texts(question, "answer questions")
+  contexts = _pairs([context] if isinstance(context, str) else context, len(questions),
+                    "answer (questions vs contexts)")
+  examples = [{"id": str(i), "title": "", "question": q, "context": c,
+               "answers": {"text": [], "answer_start": []}, "is_impossible": False}
+              for i, (q, c) in enumerate(zip(questions, contexts))]
+  feats = squad.prepare_eval_features(examples, m.tokenizer,
+                                      max_seq_length=min(max_length, m.config.max_length),
+                                      doc_stride=doc_stride, max_query_length=max_query_length)
+  graphdef, state = nnx.split(m.model)
+  fn = m._forwards.get(("qa", graphdef))
+  if fn is None:
+    def forward(state, ids, mask, types):
+      (start, end), _ = nnx.merge(graphdef, state)(ids, mask, types)
+      return start.astype(jnp.float32), end.astype(jnp.float32)
+    fn = m._forwards[("qa", graphdef)] = jax.jit(forward)
+  n = len(feats["input_ids"])
+  start, end = (np.zeros(feats["input_ids"].shape, np.float32) for _ in range(2))
+  for s in range(0, n, batch_size):
+    sl = slice(s, s + batch_size)
+    start[sl], end[sl] = (np.asarray(x) for x in fn(
+        state, feats["input_ids"][sl], feats["attention_mask"][sl], feats["token_type_ids"][sl]))
+  out = []
+  for ex, (span, score, _) in zip(examples, squad.best_spans(
+      examples, feats, start, end, max_answer_length=max_answer_length), strict=True):
+    a, b = span if span is not None else (0, 0)
+    out.append({"answer": ex["context"][a:b], "start": a, "end": b,
+                "score": score if span is not None else None})
+  return out[0] if single else out
 
 
 def _logits(m, texts, pairs, batch_size: int, max_length: int | None) -> np.ndarray:

@@ -189,10 +189,24 @@ class Pretrained:
     return out
 
   # Training and prediction (minilm_jax/api.py): one loop with `python -m train.finetune`.
-  def fit(self, texts, labels, **kwargs):
-    """Fine-tunes this classifier/regressor in place -> History; see `api.fit`."""
+  def fit(self, x, y=None, **kwargs):
+    """Trains this model in place -> History, by task (the same jobs as the CLIs):
+    classification/regression `fit(texts, labels)` (`api.fit`); encoder `fit(anchors,
+    positives)`, contrastive (`api.fit_pairs`); qa `fit(squad_json_or_records)` (`api.fit_qa`).
+    A second call continues from the trained weights."""
     from minilm_jax import api
-    return api.fit(self, texts, labels, **kwargs)
+    if self.task == "encoder":
+      return api.fit_pairs(self, x, y, **kwargs)
+    if self.task == "qa":
+      if y is not None:
+        raise TypeError("a qa model's fit takes SQuAD-format examples only (answers inside)")
+      return api.fit_qa(self, x, **kwargs)
+    return api.fit(self, x, y, **kwargs)
+
+  def answer(self, question, context, **kwargs):
+    """The answer span -> {"answer", "start", "end", "score"} (lists: a list); `api.answer`."""
+    from minilm_jax import api
+    return api.answer(self, question, context, **kwargs)
 
   def predict(self, texts, pairs=None, **kwargs):
     """-> Predictions(labels, probabilities); see `api.predict`."""

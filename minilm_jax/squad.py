@@ -4,9 +4,10 @@ This module owns the way from SQuAD-format data to fixed-shape feature arrays fo
 and back from start/end logits to answer strings:
 
   read_squad_json / from_tfds     files or tfds records -> flat example dicts
+  from_records                    plain dicts (a notebook's) -> the same
   prepare_train_features          examples -> windows with start/end token labels
   prepare_eval_features           examples -> windows with character offsets of context tokens
-  postprocess                     logits of all windows -> one answer string per example
+  best_spans / postprocess        logits of all windows -> best span / answer string per example
   references                      examples -> gold answers in the form metrics.squad_metrics takes
 
 An example is {"id", "title", "context", "question", "answers": {"text": [...],
@@ -163,6 +164,44 @@ def from_tfds(records: Iterable[Mapping[str, Any]], *, strict: bool = False) -> 
   return examples
 
 
+def from_records(records: Iterable[Mapping[str, Any]], *, source: str = "records",
+                 strict: bool = False) -> list[dict]:
+  """Examples from plain dicts, as a notebook holds them: "question", "context", and the answer
+  as HF datasets' squad layout ("answers": {"text": [...], "answer_start": [...]}) or as a bare
+  "answer" string (located at its first occurrence in the context; an error if absent). "id"
+  (default: the record's index) and "title" are optional; no answer at all is an unanswerable
+  (SQuAD 2.0) question. Same checks as read_squad_json, errors naming `source` and the record."""
+  check, examples, seen = _AnswerCheck(source, strict), [], set()
+  for i, rec in enumerate(records):
+    where = f"record {i}"
+    if not isinstance(rec, Mapping):
+      raise ValueError(f"{source}: {where} is a {type(rec).__name__}, expected a dict")
+    for key in ("context", "question"):
+      if not isinstance(rec.get(key), str) or not rec[key].strip():
+        raise ValueError(f"{source}: {where} has no {key!r} text")
+    context, qid = rec["context"], str(rec.get("id", i))
+    if qid in seen:
+      raise ValueError(f"{source}: {where} repeats the id {qid!r}")
+    seen.add(qid)
+    if "answer" in rec:
+      text = rec["answer"]
+      start = context.find(text) if isinstance(text, str) and text else -1
+      if start < 0:
+        raise ValueError(f"{source}: {where}: the answer {text!r} is not in the context")
+      texts, starts = [text], [start]
+    else:
+      answers = rec.get("answers") or {}
+      texts, starts = list(answers.get("text", [])), [int(a) for a in
+                                                      answers.get("answer_start", [])]
+    examples.append(_example(check, where, id=qid, title=str(rec.get("title", "")),
+                             context=context, question=rec["question"], texts=texts,
+                             starts=starts, is_impossible=not texts))
+  if not examples:
+    raise ValueError(f"{source}: no examples")
+  check.report()
+  return examples
+
+
 def references(examples: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
   """id -> gold answer texts ([] for unanswerable), the form metrics.squad_metrics takes."""
   return {ex["id"]: [] if ex.get("is_impossible", False) else list(ex["answers"]["text"])
@@ -301,23 +340,16 @@ def prepare_eval_features(examples: Sequence[Mapping[str, Any]], tok, *,
 # ---------------------------------------------------------------------------- predictions
 
 
-def postprocess(examples: Sequence[Mapping[str, Any]], features: Mapping[str, np.ndarray],
-                start_logits, end_logits, *, n_best: int = 20, max_answer_length: int = 30,
-                version_2: bool = False, null_threshold: float = 0.0
-                ) -> tuple[dict[str, str], dict[str, float]]:
-  """One answer per example from the logits (F, T) of its windows (utils_qa's
-  postprocess_qa_predictions).
+def best_spans(examples: Sequence[Mapping[str, Any]], features: Mapping[str, np.ndarray],
+               start_logits, end_logits, *, n_best: int = 20, max_answer_length: int = 30
+               ) -> list[tuple[tuple[int, int] | None, float, float]]:
+  """Per example, (the best span's character (start, end) in its context or None, its score
+  start + end logit, the null score): utils_qa's search, which `postprocess` turns into answers.
 
   Per window, the n_best highest start and n_best highest end logits are paired; pairs with a
   token outside the context, end < start, or more than max_answer_length tokens are dropped;
   a span scores start + end logit, and the best over all windows wins. The null score is the
-  smallest start[0] + end[0] over the windows. Returns (predictions id -> text, null_scores
-  id -> null score - best span score, run_qa's null_odds). With `version_2` the answer is ""
-  when that difference exceeds `null_threshold`.
-
-  Deviation: with no valid span at all run_qa answers the placeholder "empty" (and for v2
-  compares the null score against 0); here the answer is "" and the difference is +inf.
-  """
+  smallest start[0] + end[0] over the windows."""
   offsets, owner = np.asarray(features["offsets"]), np.asarray(features["example_index"])
   # float64 so that start + end is exact for float32 or bfloat16 logits.
   start_logits = np.asarray(start_logits, np.float64)
@@ -333,13 +365,11 @@ def postprocess(examples: Sequence[Mapping[str, Any]], features: Mapping[str, np
   for f, i in enumerate(owner):
     by_example[i].append(f)
 
-  predictions, null_scores = {}, {}
+  out = []
   for i, ex in enumerate(examples):
     if not by_example[i]:
       raise ValueError(f"example {i} ({ex['id']!r}) has no features: were the features built "
                        "from these examples?")
-    if ex["id"] in predictions:
-      raise ValueError(f"example id {ex['id']!r} appears twice")
     null, best, best_span = np.inf, -np.inf, None
     for f in by_example[i]:
       s, e, valid = start_logits[f], end_logits[f], offsets[f, :, 0] >= 0
@@ -356,8 +386,30 @@ def postprocess(examples: Sequence[Mapping[str, Any]], features: Mapping[str, np
       a, b = np.unravel_index(np.argmax(scores), scores.shape)
       if scores[a, b] > best:
         best = scores[a, b]
-        best_span = (offsets[f, starts[a, 0], 0], offsets[f, ends[0, b], 1])
-    text = "" if best_span is None else ex["context"][best_span[0]:best_span[1]]
-    null_scores[ex["id"]] = float(null - best)
+        best_span = (int(offsets[f, starts[a, 0], 0]), int(offsets[f, ends[0, b], 1]))
+    out.append((best_span, float(best), float(null)))
+  return out
+
+
+def postprocess(examples: Sequence[Mapping[str, Any]], features: Mapping[str, np.ndarray],
+                start_logits, end_logits, *, n_best: int = 20, max_answer_length: int = 30,
+                version_2: bool = False, null_threshold: float = 0.0
+                ) -> tuple[dict[str, str], dict[str, float]]:
+  """One answer per example from the logits (F, T) of its windows (utils_qa's
+  postprocess_qa_predictions), the spans of `best_spans`. Returns (predictions id -> text,
+  null_scores id -> null score - best span score, run_qa's null_odds). With `version_2` the
+  answer is "" when that difference exceeds `null_threshold`.
+
+  Deviation: with no valid span at all run_qa answers the placeholder "empty" (and for v2
+  compares the null score against 0); here the answer is "" and the difference is +inf.
+  """
+  spans = best_spans(examples, features, start_logits, end_logits, n_best=n_best,
+                     max_answer_length=max_answer_length)
+  predictions, null_scores = {}, {}
+  for ex, (span, best, null) in zip(examples, spans, strict=True):
+    if ex["id"] in predictions:
+      raise ValueError(f"example id {ex['id']!r} appears twice")
+    text = "" if span is None else ex["context"][span[0]:span[1]]
+    null_scores[ex["id"]] = null - best
     predictions[ex["id"]] = "" if version_2 and null - best > null_threshold else text
   return predictions, null_scores

@@ -221,3 +221,147 @@ def test_notebook_shorthands_name_real_config_keys():
     section, field = key.split(".")
     value = getattr(getattr(cfg, section), field)
     assert configs.merge(cfg, {key: value}) == cfg, short
+  from minilm_jax.recipes.embed import EmbedConfig
+  cfg = EmbedConfig()
+  for short, key in api.EMBED_SHORTHANDS.items():
+    section, field = key.split(".")
+    value = getattr(getattr(cfg, section), field)
+    assert configs.merge(cfg, {key: value}) == cfg, short
+  cfg = FinetuneConfig()
+  for short, key in api.QA_SHORTHANDS.items():
+    section, field = key.split(".")
+    assert configs.merge(cfg, {key: getattr(getattr(cfg, section), field)}) == cfg, short
+
+
+# --- sentence embeddings: encoder.fit(anchors, positives) ------------------------------------
+
+def _pair_rows():
+  from test_pipeline import lines
+  texts = [t.replace("jovial", "cat") for t in lines(40, seed=2, max_words=8)]
+  return texts[:16], texts[20:36], texts[16:20], texts[36:40]
+
+
+EMBED_SETTINGS = dict(max_length=16, buckets=(16,), batch_size=8, learning_rate=1e-3,
+                      progress=False, seed=0, max_steps=4, eval_every=2)
+
+
+def test_encoder_fit_equals_the_embed_cli_exactly(tiny_hf_dir, tmp_path):
+  """`encoder.fit(anchors, positives)` and `python -m train.embed` on the same rows in a JSONL
+  end with identical parameters; the retrieval metrics before and after are the CLI's too."""
+  import json
+
+  from train import embed as embed_cli
+  anchors, positives, queries, documents = _pair_rows()
+  (tmp_path / "train.jsonl").write_text("".join(
+      json.dumps({"anchor": a, "positive": p}) + "\n" for a, p in zip(anchors, positives)))
+  (tmp_path / "dev.jsonl").write_text("".join(
+      json.dumps({"query": q, "document": d}) + "\n" for q, d in zip(queries, documents)))
+  moving = {"optim.learning_rate": 1e-3, "optim.warmup_steps": 1, "optim.weight_decay": 0.01,
+            "loop.log_every": 1}
+  argv = [f"--model.path={tiny_hf_dir}", "--data.source=jsonl",
+          f"--data.train_paths={tmp_path / 'train.jsonl'}", "--data.columns=anchor,positive",
+          f"--data.retrieval_path={tmp_path / 'dev.jsonl'}", "--data.max_length=16",
+          "--data.buckets=16", "--loop.batch_size=8", "--loop.max_steps=4", "--loop.eval_every=2",
+          "--loop.progress=false", "--loop.seed=0", f"--loop.output_dir={tmp_path / 'cli'}",
+          *[f"--{k}={v}" for k, v in moving.items()]]
+  assert embed_cli.main(argv) == 0
+  cli_model = pretrained.from_pretrained(tmp_path / "cli" / "final")
+  cli_metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+
+  enc = minilm_jax.from_pretrained(tiny_hf_dir)
+  start = _params(enc.model)
+  history = enc.fit(anchors, positives, eval_retrieval=(queries, documents), **EMBED_SETTINGS,
+                    **{k.replace(".", "__"): v for k, v in moving.items()})
+  ours, theirs = _params(enc.model), _params(cli_model.model)
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+  assert sum(not np.array_equal(start[k], ours[k]) for k in ours) > len(ours) // 2
+  assert history.start == cli_metrics["start"] and history.evals[-1] == cli_metrics["final"]
+  assert len(history.steps) == 4 and len(history.evals) == 2
+  assert {"retrieval/mrr@10", "retrieval/ndcg@10", "retrieval/recall@1"} <= set(history.start)
+  np.testing.assert_allclose(enc.encode(queries), cli_model.encode(queries), rtol=0, atol=0)
+
+
+def test_encoder_fit_hard_negatives_sts_and_its_errors(tiny_hf_dir, tmp_path):
+  anchors, positives, queries, documents = _pair_rows()
+  enc = minilm_jax.from_pretrained(tiny_hf_dir)
+  scores = [float(i % 5) for i in range(4)]
+  h = enc.fit(anchors, positives, negatives=[[documents[i % 4]] * 2 for i in range(16)],
+              eval_sts=(queries, documents, scores), matryoshka_dims=(32, 16),
+              output_dir=str(tmp_path / "run"), **{**EMBED_SETTINGS, "max_steps": 2})
+  assert "sts/spearman" in h.evals[-1] and "sts/spearman" in h.start
+  # With an output_dir the run's exports are there, as the CLI's.
+  assert (tmp_path / "run" / "sentence-transformers" / "modules.json").exists()
+  cases = [
+      (dict(x=anchors, y=positives[:3]), ValueError, "16 texts but 3 pairs"),
+      (dict(x=anchors, y=None), TypeError, "positives"),
+      (dict(x=anchors, y=positives, negatives=[["a"], ["b", "c"]] * 8), ValueError,
+       "same number"),
+      (dict(x=anchors, y=positives, eval_sts=(queries, documents, ["high"] * 4)), ValueError,
+       r"score 0 \('high'\) is not a number"),
+      (dict(x=anchors, y=positives, batch_size=1), ValueError, "at least 2"),
+      (dict(x=anchors, y=positives, matryoshka_dims=(64,)), ValueError, "must lie in 1..32"),
+      (dict(x=[], y=[]), ValueError, "empty list"),
+  ]
+  for kw, err, message in cases:
+    kw = {**EMBED_SETTINGS, **kw}
+    with pytest.raises(err, match=message):
+      enc.fit(kw.pop("x"), kw.pop("y"), **kw)
+  with pytest.raises(ValueError, match="needs a classification or regression model"):
+    enc.predict(["hello"])
+
+
+# --- extractive QA: qa.fit(squad) and qa.answer ----------------------------------------------
+
+def test_qa_fit_equals_the_cli_and_answer_agrees_with_the_eval(tiny_hf_dir, tmp_path):
+  import json
+
+  from test_finetune import squad_file
+
+  from minilm_jax import metrics
+  sq = squad_file(tmp_path / "squad.json")
+  argv = [f"--model.path={tiny_hf_dir}", "--task.kind=qa", "--data.source=squad_json",
+          f"--data.train_path={sq}", f"--data.eval_path={sq}", "--data.max_length=32",
+          "--data.doc_stride=8", "--data.max_query_length=12", "--loop.max_steps=6",
+          "--loop.batch_size=4", "--optim.learning_rate=3e-3", "--loop.progress=false",
+          "--optim.warmup_ratio=0.1", f"--loop.output_dir={tmp_path / 'cli'}"]
+  assert finetune_cli.main(argv) == 0
+  cli_model = pretrained.from_pretrained(tmp_path / "cli" / "final", "qa")
+
+  qa = minilm_jax.from_pretrained(tiny_hf_dir, "qa")
+  kw = dict(max_length=32, doc_stride=8, data__max_query_length=12, max_steps=6, batch_size=4,
+            learning_rate=3e-3, progress=False, warmup_ratio=0.1)
+  history = qa.fit(str(sq), eval=str(sq), **kw)
+  ours, theirs = _params(qa.model), _params(cli_model.model)
+  for k in ours:
+    np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
+
+  # answer(): the same windows and span search as the eval, so the same exact match.
+  paras = json.loads(sq.read_text())["data"][0]["paragraphs"]
+  questions = [p["qas"][0]["question"] for p in paras]
+  contexts = [p["context"] for p in paras]
+  got = qa.answer(questions, contexts, max_length=32, doc_stride=8, max_query_length=12)
+  for g, c in zip(got, contexts):
+    assert g["answer"] == c[g["start"]:g["end"]] and np.isfinite(g["score"])
+  refs = {str(i): [p["qas"][0]["answers"][0]["text"]] for i, p in enumerate(paras)}
+  em = metrics.squad_metrics({str(i): g["answer"] for i, g in enumerate(got)}, refs)
+  assert em["exact_match"] == pytest.approx(history.evals[-1]["exact_match"])
+  one = qa.answer(questions[0], contexts[0], max_length=32, doc_stride=8, max_query_length=12)
+  assert one == got[0]
+
+  # Records in memory, with bare answer strings, train the same way as the file.
+  records = [{"id": p["qas"][0]["id"], "question": p["qas"][0]["question"],
+              "context": p["context"], "answer": p["qas"][0]["answers"][0]["text"]}
+             for p in paras]
+  again = minilm_jax.from_pretrained(tiny_hf_dir, "qa")
+  again.fit(records, **kw)
+  for k, v in _params(again.model).items():
+    np.testing.assert_array_equal(v, ours[k], err_msg=k)
+  with pytest.raises(ValueError, match=r"record 0: the answer 'tokyo' is not in the context"):
+    again.fit([{**records[0], "answer": "tokyo"}], **kw)
+  with pytest.raises(ValueError, match="record 1 has no 'question' text"):
+    again.fit([records[0], {"context": "x"}], **kw)
+  with pytest.raises(TypeError, match="SQuAD-format examples only"):
+    again.fit(questions, contexts)
+  with pytest.raises(ValueError, match="answer needs a 'qa' model"):
+    minilm_jax.from_pretrained(tiny_hf_dir).answer("q", "c")

@@ -2,4 +2,5 @@
 
   finetune.py   classification, regression, XNLI, span QA: data -> shards -> loop -> exports
   distill.py    MiniLM v1 / MiniLMv2 / XtremeDistil students from a frozen teacher
+  embed.py      sentence encoders: contrastive pairs -> shards -> loop -> sentence-transformers
 """

@@ -1,13 +1,11 @@
-"""Train a sentence encoder contrastively: in-batch negatives over the global batch (every
-device and host), hard negatives, Matryoshka, GradCache; STS and retrieval evaluation in the
-loop; a sentence-transformers export.
+"""The contrastive sentence-embedding job: in-batch negatives over the global batch (every device
+and host), hard negatives, Matryoshka, GradCache; STS and retrieval evaluation in the loop; a
+sentence-transformers export.
 
-  python -m train.embed                                    # packaged all-MiniLM-L6-v2 on man pages
-  python -m train.embed --config embed_all_minilm          # the 2021 recipe (TPU v3-8 or larger)
-  python -m train.embed --data.source=jsonl --data.train_paths=a.jsonl,b.jsonl \\
-      --data.weights=3,1 --data.columns=query,answer --data.retrieval_path=dev.jsonl
-
-Parse config -> prepare pair shards -> `trainer.train` -> export. Everything else is library code.
+`EmbedConfig` is what `python -m train.embed` parses and what the notebook API's
+`Pretrained.fit(anchors, positives)` on an encoder fills in; `run_job` prepares the pair shards
+-> `trainer.train` -> exports. The notebook API hands it a loaded encoder and rows in memory
+(`data.source="examples"`), written as JSONL into the run directory and prepared like a file.
 """
 
 from __future__ import annotations
@@ -16,28 +14,29 @@ import dataclasses
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Literal
 
 import flax.nnx as nnx
 import jax
 
-from minilm_jax import contrastive, data, pretrained, sharding, trainer
+from minilm_jax import configs, contrastive, data, pretrained, sharding, trainer
 from minilm_jax.data import manpages
 from minilm_jax.optim import OptimConfig
 from minilm_jax.pooling import Pooling
 from minilm_jax.recipes.finetune import ModelSpec, resolve_model_path
-from train import cli
 
 log = logging.getLogger("embed")
+
+EXAMPLE_SETS = ("train", "sts", "retrieval")
 
 
 @dataclasses.dataclass(frozen=True)
 class EmbedData:
   # manpages: (summary, description) pairs of the installed manual pages (data/manpages.py),
-  #   `held_out` of the pages kept for retrieval evaluation; jsonl | csv | tsv: pair files
-  source: Literal["manpages", "jsonl", "csv", "tsv"] = "manpages"
+  #   `held_out` of the pages kept for retrieval evaluation; jsonl | csv | tsv: pair files;
+  #   examples: rows given in memory (the notebook API), written as JSONL into the run directory
+  source: Literal["manpages", "jsonl", "csv", "tsv", "examples"] = "manpages"
   train_paths: tuple[str, ...] = ()   # several: each global batch from one, picked by weights
   weights: tuple[float, ...] = ()     # default: equal
   columns: tuple[str, ...] = ("anchor", "positive")  # anchor, positive[, negative, ...]
@@ -75,6 +74,8 @@ class EmbedConfig:
   objective: EmbedObjective = EmbedObjective()
   optim: OptimConfig = OptimConfig()
   loop: trainer.LoopConfig = trainer.LoopConfig(output_dir="runs/embed")
+  # <output_dir>/sentence-transformers/ (the notebook API turns it on with an output_dir)
+  export_sentence_transformers: bool = True
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -86,23 +87,36 @@ def _write_jsonl(path: Path, rows) -> Path:
   return path
 
 
-def pair_files(spec: EmbedData, out_dir: Path) -> tuple[list[Path], list[str], Path | None]:
-  """-> (train files, their columns, retrieval eval file or None)."""
+def pair_files(spec: EmbedData, out_dir: Path, examples: dict | None = None
+               ) -> tuple[list[Path], list[str], Path | None, Path | None]:
+  """-> (train files, their columns, retrieval eval file or None, STS eval file or None).
+  Rows in memory (`examples`: {"train": [...], "retrieval": [...], "sts": [...]}, dicts keyed by
+  the configured columns) and the man pages are written as JSONL into `<out_dir>/data/` first."""
+  root = out_dir / "data"
+  sts = Path(spec.sts_path) if spec.sts_path else None
+  if spec.source == "examples":
+    if not examples or not examples.get("train"):
+      raise ValueError("data.source=examples needs rows given in memory (the notebook API)")
+    unknown = set(examples) - set(EXAMPLE_SETS)
+    if unknown:
+      raise ValueError(f"example sets {sorted(unknown)}; expected {list(EXAMPLE_SETS)}")
+    files = {k: _write_jsonl(root / f"{k}.jsonl", rows) for k, rows in examples.items() if rows}
+    return [files["train"]], list(spec.columns), files.get("retrieval"), files.get("sts", sts)
   if spec.source != "manpages":
     if not spec.train_paths:
       raise ValueError(f"data.source={spec.source} needs data.train_paths")
     ret = Path(spec.retrieval_path) if spec.retrieval_path else None
-    return [Path(p) for p in spec.train_paths], list(spec.columns), ret
+    return [Path(p) for p in spec.train_paths], list(spec.columns), ret, sts
   pairs = [p for p in manpages.read_pairs() if not p["page"].startswith(manpages.GENERATED)]
   train = [p for p in pairs if not manpages.held_out(p["page"], spec.held_out)]
   held = [p for p in pairs if manpages.held_out(p["page"], spec.held_out)]
   log.info("man pages: %d pairs, %d held out for retrieval", len(pairs), len(held))
-  root = out_dir / "data"
   return ([_write_jsonl(root / "manpages-train.jsonl", train)], ["summary", "description"],
-          _write_jsonl(root / "manpages-held_out.jsonl", held))
+          _write_jsonl(root / "manpages-held_out.jsonl", held), sts)
 
 
-def make_data(cfg: EmbedConfig, out_dir: Path, model_path: Path, tok, max_len: int):
+def make_data(cfg: EmbedConfig, out_dir: Path, model_path: Path, tok, max_len: int,
+              examples: dict | None = None):
   """-> (train batches, EvalSets or None)."""
   spec, loop = cfg.data, cfg.loop
   kw = dict(tokenizer_path=model_path, max_length=max_len, beam_args=spec.beam_args or None,
@@ -110,9 +124,9 @@ def make_data(cfg: EmbedConfig, out_dir: Path, model_path: Path, tok, max_len: i
   hosts = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                pad_id=tok.pad_id, buckets=tuple(sorted({min(b, max_len) for b in spec.buckets}
                                                        | {max_len})))
-  source = lambda path: data.Source("jsonl" if spec.source == "manpages" else spec.source,
-                                    paths=(str(path),))
-  files, columns, retrieval = pair_files(spec, out_dir)
+  written = spec.source in ("manpages", "examples")  # JSONL files of our own
+  source = lambda path: data.Source("jsonl" if written else spec.source, paths=(str(path),))
+  files, columns, retrieval, sts = pair_files(spec, out_dir, examples)
   if len(columns) < 2:
     raise ValueError(f"data.columns {list(columns)}: need anchor and positive columns")
   roles = dict(zip(data.pairs.roles_of(len(columns) - 2), columns, strict=True))
@@ -123,9 +137,9 @@ def make_data(cfg: EmbedConfig, out_dir: Path, model_path: Path, tok, max_len: i
   weights = spec.weights or (1.0,) * len(parts)
   train = parts[0] if len(parts) == 1 else data.MixedPairBatches(parts, weights, seed=loop.seed)
   sets = {}
-  if spec.sts_path:
+  if sts is not None:
     a, b, score = spec.sts_columns
-    corpora = data.prepare_pairs(source(spec.sts_path), {"anchor": a, "positive": b},
+    corpora = data.prepare_pairs(source(sts), {"anchor": a, "positive": b},
                                  out_dir / "data" / "sts", label_column=score, **kw)
     sets["sts"] = ("sts", data.PairBatches(corpora, batch_size=loop.eval_batch_size,
                                            shuffle=False, **hosts))
@@ -146,10 +160,19 @@ def make_data(cfg: EmbedConfig, out_dir: Path, model_path: Path, tok, max_len: i
 
 
 def run(cfg: EmbedConfig) -> dict:
-  out_dir = cli.start_run(cfg, cfg.loop)
+  """The CLI's job: -> the summary (before/final/best metrics, steps), also in metrics.json."""
+  return run_job(cfg)[0]
+
+
+def run_job(cfg: EmbedConfig, *, model: pretrained.Pretrained | None = None,
+            examples: dict | None = None) -> tuple[dict, pretrained.Pretrained]:
+  """-> (summary, the trained encoder with its pooling). The notebook API passes `model`, a
+  loaded encoder (`cfg.model.path` is then its directory), and `examples`, the rows of
+  `data.source="examples"`."""
+  out_dir = configs.start_run(cfg, cfg.loop)
   model_path = resolve_model_path(cfg.model.path)
-  m = pretrained.from_pretrained(model_path, "encoder", seed=cfg.loop.seed,
-                                 **cfg.model.overrides())
+  m = model or pretrained.from_pretrained(model_path, "encoder", seed=cfg.loop.seed,
+                                          **cfg.model.overrides())
   o = cfg.objective
   pooling = m.pooling if o.pooling == "checkpoint" else Pooling(o.pooling, o.normalize)
   width = m.config.hidden_size
@@ -160,7 +183,8 @@ def run(cfg: EmbedConfig) -> dict:
     raise ValueError(f"loop.batch_size {cfg.loop.batch_size}: in-batch negatives need a global "
                      "batch of at least 2")
   max_len = min(cfg.data.max_length, m.config.max_length)
-  train_batches, eval_sets = make_data(cfg, out_dir, model_path, m.tokenizer, max_len)
+  train_batches, eval_sets = make_data(cfg, out_dir, model_path, m.tokenizer, max_len,
+                                      examples)
   ccfg = contrastive.ContrastiveConfig(o.scale, o.symmetric, o.matryoshka_dims,
                                        o.matryoshka_weights, o.mask_duplicates)
   objective = contrastive.objective(pooling, ccfg, grad_cache_chunk=o.grad_cache_chunk,
@@ -171,7 +195,7 @@ def run(cfg: EmbedConfig) -> dict:
     graphdef, params = nnx.split(m.model)
     start = trainer.run_eval(jax.jit(trainer.make_eval_step(graphdef, objective)), params,
                              eval_sets, objective, mesh)
-    log.info("before training: %s", cli.rounded(start))
+    log.info("before training: %s", start)
   wrap = lambda model: pretrained.Pretrained(model, m.config, m.tokenizer, model_path,
                                              pooling=pooling)
 
@@ -181,29 +205,16 @@ def run(cfg: EmbedConfig) -> dict:
 
   res = trainer.train(m.model, objective, train_batches, cfg.loop, cfg.optim,
                       eval_batches=eval_sets, on_eval=on_eval)
-  if not res.preempted:  # collective exports (every process), as train.finetune's
-    final = wrap(res.model)
+  final = wrap(res.model)
+  if not res.preempted:  # collective exports (every process), as finetune's
     final.save(out_dir / "final")
-    final.export_sentence_transformers(out_dir / "sentence-transformers")
+    if cfg.export_sentence_transformers:
+      final.export_sentence_transformers(out_dir / "sentence-transformers")
   summary = {"final": res.evals[-1] if res.evals else None, "best": res.best,
-             "steps": int(res.state["step"]), "preempted": res.preempted}
+             "steps": int(res.state["step"]), "preempted": res.preempted,
+             "interrupted": res.interrupted, "history": res.history, "evals": res.evals}
   if start is not None:
     summary["start"] = start
-  cli.update_metrics(out_dir, summary)
-  return summary
-
-
-def _report(summary: dict, cfg: EmbedConfig) -> None:
-  if summary.get("start"):
-    print(f"before training: {cli.rounded(summary['start'])}")
-  print(f"after {summary['steps']} steps: {cli.rounded(summary['final'])}")
-  print(cli.outputs_line(cfg.loop.output_dir))
-
-
-def main(argv=None) -> int:
-  return cli.launch(EmbedConfig, run, argv, default="embed_manpages", doc=__doc__,
-                    report=_report)
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+  configs.update_metrics(out_dir, {k: v for k, v in summary.items()
+                                   if k not in ("history", "evals")})
+  return summary, final
