@@ -99,10 +99,12 @@ ckpt = checkpoint.Checkpoints(Path(sys.argv[1]), 3)
 state = {"w": jnp.full((8192, 8192), 1.0), "step": jnp.asarray(1)}  # 256 MB
 ckpt.save(1, state, {"i": 1}, wait=True)
 state = {"w": jnp.full((8192, 8192), 2.0), "step": jnp.asarray(2)}
+step = jax.jit(lambda w: (w[:8] @ w[:, :8]).sum()).lower(state["w"]).compile()
 ckpt.save(2, state, {"i": 2})  # returns once the arrays are copied off the devices
 writing = ckpt.manager.is_saving_in_progress()
-y = jax.jit(lambda w: (w[:8] @ w[:, :8]).sum())(state["w"]).block_until_ready()  # a step
-print(json.dumps({"writing": bool(writing), "still_writing": ckpt.manager.is_saving_in_progress(),
+y = step(state["w"]).block_until_ready()  # a (compiled) step while the write goes on
+still_writing = ckpt.manager.is_saving_in_progress()  # checked last: the kill comes next
+print(json.dumps({"writing": bool(writing), "still_writing": bool(still_writing),
                   "computed": float(y)}), flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
