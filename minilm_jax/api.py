@@ -334,6 +334,15 @@ def fit_pairs(m, anchors, positives, *, negatives=None, eval_retrieval=None, eva
   anchors = _texts(anchors, "fit anchors")
   if positives is None:
     raise TypeError("fit(anchors, positives): an encoder trains on pairs; positives missing")
+  positives = list(positives)
+  distinct = len({p if isinstance(p, str) else repr(p) for p in positives})
+  if not all(isinstance(p, str) for p in positives) or (len(positives) >= 4
+                                                         and distinct <= len(positives) // 2):
+    raise ValueError(
+        f"fit on an encoder trains on (anchor, positive) text pairs; these positives look like "
+        f"class labels ({distinct} distinct values over {len(positives)} rows), and with "
+        f"in-batch negatives a repeated positive is no negative. To classify, load "
+        f"minilm_jax.from_pretrained(path, 'classification', num_labels=N)")
   positives = _pairs(positives, len(anchors), "fit")
   columns = ["anchor", "positive"]
   rows = [{"anchor": a, "positive": p} for a, p in zip(anchors, positives)]

@@ -90,6 +90,11 @@ def accelerator_expected() -> bool:
 
 
 DEFAULT_CACHE_BYTES = 4 << 30
+# Executables that compile faster than this are not worth a disk round trip: with no floor the
+# cache fills with thousands of op-by-op executables (jit_add, jit_slice ...) of eager code, and
+# JAX's size-capped cache rescans its directory on every write. JAX's own default is 1 s; the
+# steps of small models on a CPU compile in a fraction of a second to a few seconds.
+MIN_COMPILE_SECS = 0.3
 
 
 def default_cache_dir() -> Path:
@@ -119,7 +124,7 @@ def _machine_tag() -> str:
 
 def enable_compilation_cache(path: str | os.PathLike) -> Path | None:
   """JAX's persistent compilation cache in `path` ("default": `default_cache_dir()`; "": off),
-  for every executable however quick to compile (JAX's defaults skip those under 1 s).
+  for every executable that takes `MIN_COMPILE_SECS` or more to compile (JAX's default: 1 s).
   Callable at any time: the cache is reset so that the new directory takes effect for the
   compilations that follow. A directory that cannot be created leaves the cache off, with a
   warning: the run goes on compiling as usual. -> the directory, or None when off."""
@@ -135,7 +140,7 @@ def enable_compilation_cache(path: str | os.PathLike) -> Path | None:
     log.warning("compilation cache off: cannot create %s (%s)", path, e)
     return None
   jax.config.update("jax_compilation_cache_dir", str(path))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   if default and importlib.util.find_spec("filelock"):
     # The default directory is in the user's home: least recently used entries go past 4 GiB

@@ -130,8 +130,10 @@ def test_bad_input_is_a_clear_error_before_training(tiny_hf_dir, tmp_path):
   encoder = minilm_jax.from_pretrained(tiny_hf_dir)
   with pytest.raises(ValueError, match="predict needs a classification.*'encoder'"):
     encoder.predict(texts)
-  with pytest.raises(ValueError, match="fit needs a classification"):
+  with pytest.raises(ValueError, match="look like class labels.*2 distinct values over 8 rows"):
     encoder.fit(texts, labels)
+  with pytest.raises(ValueError, match="look like class labels"):
+    encoder.fit(texts, [i % 2 for i in range(8)])
   # An error from the keywords comes before anything is written.
   out = tmp_path / "never"
   with pytest.raises(TypeError):
