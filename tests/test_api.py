@@ -211,28 +211,15 @@ def test_distill_equals_the_cli_and_returns_a_usable_student(tiny_hf_dir, tmp_pa
 
 def test_notebook_shorthands_name_real_config_keys():
   from minilm_jax import api, configs
-  from minilm_jax.recipes.finetune import FinetuneConfig
-  cfg = FinetuneConfig()
-  for short, key in api.SHORTHANDS.items():
-    section, field = key.split(".")
-    value = getattr(getattr(cfg, section), field)
-    assert configs.merge(cfg, {key: value}) == cfg, short
   from minilm_jax.recipes.distill import DistillConfig
-  cfg = DistillConfig()
-  for short, key in api.DISTILL_SHORTHANDS.items():
-    section, field = key.split(".")
-    value = getattr(getattr(cfg, section), field)
-    assert configs.merge(cfg, {key: value}) == cfg, short
   from minilm_jax.recipes.embed import EmbedConfig
-  cfg = EmbedConfig()
-  for short, key in api.EMBED_SHORTHANDS.items():
-    section, field = key.split(".")
-    value = getattr(getattr(cfg, section), field)
-    assert configs.merge(cfg, {key: value}) == cfg, short
-  cfg = FinetuneConfig()
-  for short, key in api.QA_SHORTHANDS.items():
-    section, field = key.split(".")
-    assert configs.merge(cfg, {key: getattr(getattr(cfg, section), field)}) == cfg, short
+  from minilm_jax.recipes.finetune import FinetuneConfig
+  for shorthands, cfg in ((api.SHORTHANDS, FinetuneConfig()), (api.QA_SHORTHANDS, FinetuneConfig()),
+                          (api.DISTILL_SHORTHANDS, DistillConfig()),
+                          (api.EMBED_SHORTHANDS, EmbedConfig())):
+    for short, key in shorthands.items():
+      section, field = key.split(".")
+      assert configs.merge(cfg, {key: getattr(getattr(cfg, section), field)}) == cfg, short
 
 
 # --- sentence embeddings: encoder.fit(anchors, positives) ------------------------------------
