@@ -3,7 +3,7 @@
 The notebook API: `from_pretrained` (pretrained.py) gives a model with its tokenizer, `encode`,
 exports and `fit`: classifiers `fit(texts, labels)` / `predict` / `evaluate`, encoders
 `fit(anchors, positives)` (contrastive), QA models `fit(squad)` / `answer`; `distill` makes
-students (api.py).
+students (api/).
 The architecture is in `config.py`, `model.py`, `heads.py`; the jobs the CLIs run in `recipes/`.
 """
 

@@ -2,7 +2,7 @@
 overrides, notebook keyword arguments), every key checked against a field and every value coerced
 to the field's type; unknown keys and unreadable values are errors naming the key.
 
-The entry points (`train/cli.py`) and the notebook API (`api.py`) share this, and the run
+The entry points (`train/cli.py`) and the notebook API (`api/`) share this, and the run
 directory helpers below.
 """
 

@@ -188,7 +188,7 @@ class Pretrained:
       out[idx] = np.asarray(self.pooling(self(**batch), jnp.asarray(batch["attention_mask"])))
     return out
 
-  # Training and prediction (minilm_jax/api.py): one loop with `python -m train.finetune`.
+  # Training and prediction (minilm_jax/api/): one loop with `python -m train.finetune`.
   def fit(self, x, y=None, **kwargs):
     """Trains this model in place -> History, by task (the same jobs as the CLIs):
     classification/regression `fit(texts, labels)` (`api.fit`); encoder `fit(anchors,

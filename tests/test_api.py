@@ -1,4 +1,4 @@
-"""The notebook API (minilm_jax/api.py): fit / predict / evaluate over the CLI's job, its
+"""The notebook API (minilm_jax/api/): fit / predict / evaluate over the CLI's job, its
 keyword and input errors, Ctrl-C, and a second fit continuing."""
 
 from __future__ import annotations
