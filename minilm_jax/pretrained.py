@@ -158,6 +158,18 @@ class Pretrained:
       fn = self._forwards[graphdef] = jax.jit(forward)
     return fn(state, *arrays)
 
+  def _head(self, input_ids, attention_mask, token_type_ids):
+    """The whole model's outputs (head included: logits, or QA's start and end logits) in
+    float32; jitted once per model structure, as `_forward`."""
+    graphdef, state = nnx.split(self.model)
+    fn = self._forwards.get(("head", graphdef))
+    if fn is None:
+      def forward(state, *arrays):
+        out, _ = nnx.merge(graphdef, state)(*arrays)
+        return jax.tree.map(lambda x: x.astype(jnp.float32), out)
+      fn = self._forwards[("head", graphdef)] = jax.jit(forward)
+    return fn(state, input_ids, attention_mask, token_type_ids)
+
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                return_pooled: bool = False, **unused):
     input_ids = jnp.asarray(input_ids, jnp.int32)

@@ -124,26 +124,16 @@ def fit(m, texts, labels, *, pairs=None, eval=None, **config) -> History:
 
 def _logits(m, texts, pairs, batch_size: int, max_length: int | None) -> np.ndarray:
   """(N, num_labels) float32 outputs of the head, batched longest-first like `encode`."""
-  import flax.nnx as nnx
-  import jax
-  import jax.numpy as jnp
   max_length = min(max_length or m.max_seq_length, m.config.max_length)
   enc = m.tokenizer(texts, pairs, max_length=max_length, padding="do_not_pad")
   order = np.argsort(-np.asarray([len(ids) for ids in enc["input_ids"]]), kind="stable")
-  graphdef, state = nnx.split(m.model)
-  fn = m._forwards.get(("head", graphdef))
-  if fn is None:
-    def forward(state, ids, mask, types):
-      out, _ = nnx.merge(graphdef, state)(ids, mask, types)
-      return out.astype(jnp.float32)
-    fn = m._forwards[("head", graphdef)] = jax.jit(forward)
   out = np.zeros((len(texts), m.num_labels), np.float32)
   for s in range(0, len(texts), batch_size):
     idx = order[s:s + batch_size]
     batch = m.tokenizer([texts[i] for i in idx], None if pairs is None else
                         [pairs[i] for i in idx], max_length=max_length, pad_to_multiple_of=16)
-    out[idx] = np.asarray(fn(state, batch["input_ids"], batch["attention_mask"],
-                             batch["token_type_ids"]))
+    out[idx] = np.asarray(m._head(batch["input_ids"], batch["attention_mask"],
+                                  batch["token_type_ids"]))
   return out
 
 

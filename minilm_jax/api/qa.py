@@ -58,10 +58,6 @@ def answer(m, question, context, *, batch_size: int = 32, max_length: int = 384,
   """The answer span of `context` to `question` -> {"answer", "start", "end", "score"}
   (character offsets into the context; score = start + end logit); lists of questions and
   contexts give a list. Long contexts are read in overlapping windows, as in training."""
-  import flax.nnx as nnx
-  import jax
-  import jax.numpy as jnp
-
   from minilm_jax import squad
   if m.task != "qa":
     raise ValueError(f"answer needs a 'qa' model; this one is a {m.task!r} model")
@@ -75,19 +71,12 @@ def answer(m, question, context, *, batch_size: int = 32, max_length: int = 384,
   feats = squad.prepare_eval_features(examples, m.tokenizer,
                                       max_seq_length=min(max_length, m.config.max_length),
                                       doc_stride=doc_stride, max_query_length=max_query_length)
-  graphdef, state = nnx.split(m.model)
-  fn = m._forwards.get(("qa", graphdef))
-  if fn is None:
-    def forward(state, ids, mask, types):
-      (start, end), _ = nnx.merge(graphdef, state)(ids, mask, types)
-      return start.astype(jnp.float32), end.astype(jnp.float32)
-    fn = m._forwards[("qa", graphdef)] = jax.jit(forward)
   n = len(feats["input_ids"])
   start, end = (np.zeros(feats["input_ids"].shape, np.float32) for _ in range(2))
   for s in range(0, n, batch_size):
     sl = slice(s, s + batch_size)
-    start[sl], end[sl] = (np.asarray(x) for x in fn(
-        state, feats["input_ids"][sl], feats["attention_mask"][sl], feats["token_type_ids"][sl]))
+    start[sl], end[sl] = (np.asarray(x) for x in m._head(
+        feats["input_ids"][sl], feats["attention_mask"][sl], feats["token_type_ids"][sl]))
   out = []
   for ex, (span, score, _) in zip(examples, squad.best_spans(
       examples, feats, start, end, max_answer_length=max_answer_length), strict=True):
