@@ -282,7 +282,7 @@ class XLMRTokenizer(Tokenizer):
     proto.ParseFromString(Path(model_file).read_bytes())
     pieces = proto.pieces
     piece_type = sentencepiece_model_pb2.ModelProto.SentencePiece
-    unknown, control, user = piece_type.UNKNOWN, piece_type.CONTROL, piece_type.USER_DEFINED
+    unknown, control = piece_type.UNKNOWN, piece_type.CONTROL
     if len(pieces) < 4 or pieces[0].type != unknown or any(p.type != control for p in pieces[1:3]):
       raise ValueError(f"{model_file}: expected sentencepiece ids 0, 1, 2 = <unk>, <s>, </s> (the "
                        "layout fairseq's XLM-R id mapping assumes)")
@@ -301,9 +301,12 @@ class XLMRTokenizer(Tokenizer):
         pre_tokenizers.WhitespaceSplit(),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    # Other control / user-defined pieces are matched verbatim in text, as in transformers.
-    backend.add_tokens([hf.AddedToken(p.piece, normalized=False, special=p.type == control)
-                        for p in pieces[3:] if p.type in (control, user)])
+    # Other control pieces are matched verbatim in text as special tokens, as in transformers.
+    # User-defined pieces stay in the unigram vocabulary: Viterbi emits them whole inside a word,
+    # as sentencepiece does ("a <ud>" -> "▁a", "▁", "<ud>"). As added tokens they would split the
+    # text and restart the "▁" prefix after them (transformers did that before 5.2x).
+    backend.add_tokens([hf.AddedToken(p.piece, normalized=False, special=True)
+                        for p in pieces[3:] if p.type == control])
     super().__init__("xlmr", backend, specials)
 
 

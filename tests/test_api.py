@@ -336,7 +336,11 @@ def test_qa_fit_equals_the_cli_and_answer_agrees_with_the_eval(tiny_hf_dir, tmp_
   em = metrics.squad_metrics({str(i): g["answer"] for i, g in enumerate(got)}, refs)
   assert em["exact_match"] == pytest.approx(history.evals[-1]["exact_match"])
   one = qa.answer(questions[0], contexts[0], max_length=32, doc_stride=8, max_query_length=12)
-  assert one == got[0]
+  # One question compiles another batch shape than four: the span is the same, the score may
+  # differ in float32 rounding (3e-8 relative measured).
+  span = ("answer", "start", "end")
+  assert {k: one[k] for k in span} == {k: got[0][k] for k in span}
+  assert one["score"] == pytest.approx(got[0]["score"], rel=1e-5)
 
   # Records in memory, with bare answer strings, train the same way as the file.
   records = [{"id": p["qas"][0]["id"], "question": p["qas"][0]["question"],

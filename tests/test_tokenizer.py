@@ -419,6 +419,11 @@ def test_xlmr_user_defined_and_control_pieces(tmp_path):
   texts = ["a <ud> b@@c <ctl> d", "<ud><ud>", "x <ctl>"] + STRINGS[:100]
   assert ours.vocab_size == len(ref)
   assert_same(ours(texts), ref_call(ref, texts, padding="longest"))
+  # sentencepiece itself (fairseq ids: piece p -> p + 1) on the text without control pieces,
+  # which sentencepiece never matches in raw text: user-defined pieces are emitted whole.
+  sp = spm.SentencePieceProcessor(model_file=str(d / "sentencepiece.bpe.model"))
+  text = "a <ud> b@@c d"
+  assert ours(text)["input_ids"][0].tolist() == [0] + [p + 1 for p in sp.encode(text)] + [2]
   for skip in (True, False):
     ids = ours(texts[0])["input_ids"][0].tolist()
     assert ours.decode(ids, skip) == ref.decode(ids, skip_special_tokens=skip)
