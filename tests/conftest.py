@@ -216,3 +216,11 @@ def count_loops(jaxpr) -> int:
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       n += count_loops(sub)
   return n
+
+
+def pytest_collection_modifyitems(config, items):
+  """Test files with a `slow` test (a minute or so each) run first: xdist hands tests out in
+  collection order, so a long test collected last keeps one worker busy while the other sits
+  idle. Files stay whole, so their module-scoped fixtures are built once per worker."""
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)  # stable: file order otherwise

@@ -201,6 +201,7 @@ def _grad_err(got, want) -> float:
              for k in keys)
 
 
+@pytest.mark.slow
 def test_global_negatives_8_devices_and_2_hosts_equal_1_device(tmp_path):
   """Loss and gradients of one global batch of 16 pairs: sharded over 8 devices of one process,
   and over 2 processes x 4 devices (gloo), each anchor scores all 15 negatives (XLA gathers

@@ -174,6 +174,7 @@ def reference(tiny_hf_dir, data_dir, env, tmp_path_factory) -> Path:
 
 # --- SIGKILL / SIGTERM -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_three_times_then_resume_is_bitwise_identical(tiny_hf_dir, data_dir, env,
                                                              reference, tmp_path):
   rng = np.random.default_rng(20240611)
@@ -199,6 +200,7 @@ def test_sigkill_three_times_then_resume_is_bitwise_identical(tiny_hf_dir, data_
   assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_it_stopped_at_and_resume_is_bitwise_identical(
     tiny_hf_dir, data_dir, env, reference, tmp_path):
   out = tmp_path / "run"
@@ -365,6 +367,7 @@ def _tree(path: Path) -> dict[str, bytes]:
   return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_fresh_run_into_an_earlier_run_refuses_and_touches_nothing(tiny_hf_dir, data_dir, env,
                                                                   tmp_path):
   """A second fresh run with the same output_dir used to delete the first run's checkpoints and
@@ -393,6 +396,7 @@ def _mount_tmpfs(path: Path, size: str) -> None:
     pytest.skip(f"cannot mount a small tmpfs here (needs root): {res.stderr.strip()}")
 
 
+@pytest.mark.slow
 def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tiny_hf_dir, data_dir, env,
                                                                   tmp_path):
   """The output dir on a 4 MiB tmpfs: a run checkpoints step 2; the disk then fills (a ballast

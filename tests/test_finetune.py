@@ -210,6 +210,7 @@ def test_microbatches_must_divide_the_batch(tmp_path):
   assert not out.exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one_device(tiny_hf_dir, tmp_path):
   runs = {}
   for n in (1, 8):
@@ -228,6 +229,7 @@ def _final_params(run_dir):
   return {k: np.asarray(v) for k, v in pretrained.flat_params(m.model).items()}
 
 
+@pytest.mark.slow
 def test_kill_after_checkpoint_then_resume_continues_same_order(tiny_hf_dir, tmp_path):
   steps = ["--loop.max_steps=16", "--loop.save_every=4", "--loop.eval_every=100"]
   full = tmp_path / "full"

@@ -84,6 +84,7 @@ def one_process(tiny_hf_dir, data_dir, env, tmp_path_factory):  # noqa: F811
   return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_eight_devices_across_a_preemption(
     tiny_hf_dir, data_dir, env, one_process, tmp_path):  # noqa: F811
   # One test, not two, because every pair of processes costs a minute on a small CPU box.

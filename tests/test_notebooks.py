@@ -39,12 +39,13 @@ def test_every_notebook_is_tested():
 
 @pytest.mark.slow
 def test_finetune_classification_notebook(monkeypatch):
-  # 1200 random tweets, one epoch (38 steps at batch 32), 300 random held-out tweets: the
-  # floor is the majority class's share (42%) plus 10 points; measured 0.63 here.
-  res = run_notebook("finetune_classification.ipynb", monkeypatch, NB_TRAIN_EXAMPLES=1200,
+  # 800 random tweets, one epoch (25 steps at batch 32), 300 random held-out tweets: the
+  # floor is the majority class's share (42%) plus 10 points; measured 0.59 here (0.63 after
+  # 1200 tweets).
+  res = run_notebook("finetune_classification.ipynb", monkeypatch, NB_TRAIN_EXAMPLES=800,
                      NB_EVAL_EXAMPLES=300, NB_EPOCHS=1)
 
-  assert res["steps"] == 38
+  assert res["steps"] == 25
   assert 0.3 < res["majority"] < 0.6  # a mix of classes, not a sorted slice of one
   assert res["accuracy"] > res["majority"] + 0.1
 

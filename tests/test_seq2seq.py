@@ -362,14 +362,15 @@ def test_configs_parse():
 @pytest.mark.slow
 def test_packaged_checkpoint_learns_reversal_far_above_untrained(tmp_path):
   """Acceptance: the real all-MiniLM-L6-v2 fine-tuned as a UniLM seq2seq model on a learnable
-  toy task (reverse 3-5 common words) goes from BLEU-4 ~0 untrained to near 100 (~2.5 min)."""
+  toy task (reverse 3-5 common words) goes from BLEU-4 ~0 untrained to near 100 (~1 min; measured
+  0.0 -> 95.8, 95% exact)."""
   from train import seq2seq as entry
   out = tmp_path / "run"
   argv = ["--config", "seq2seq_toy", f"--loop.output_dir={out}", "--loop.progress=false",
           "--data.toy_train_examples=2000", "--data.toy_eval_examples=64",
           "--data.toy_max_words=5", "--objective.max_source_len=8",
-          "--objective.max_target_len=7", "--decode.max_length=7", "--loop.max_steps=150",
-          "--loop.eval_every=150", "--loop.eval_batch_size=64", "--optim.learning_rate=2e-4",
+          "--objective.max_target_len=7", "--decode.max_length=7", "--loop.max_steps=120",
+          "--loop.eval_every=120", "--loop.eval_batch_size=64", "--optim.learning_rate=3e-4",
           "--export_hf=false"]
   assert entry.main(argv) == 0
   metrics = json.loads((out / "metrics.json").read_text())
