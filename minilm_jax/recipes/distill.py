@@ -55,7 +55,9 @@ class StudentSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveSpec:
-  kind: Literal["minilm_v1", "minilm_v2", "xtreme_hidden", "logit_kd"] = "minilm_v2"
+  # mlm: no distillation, masked-LM pre-training of the student on the same text (the baseline
+  # of the distillation study; the teacher only supplies the tokenizer, shapes and init layers).
+  kind: Literal["minilm_v1", "minilm_v2", "xtreme_hidden", "logit_kd", "mlm"] = "minilm_v2"
   # minilm_v1 / minilm_v2: Python indices into the Transformer layers (-1 the last).
   teacher_layer: int = -1
   student_layer: int = -1
@@ -168,7 +170,7 @@ def load_corpus(spec: CorpusSpec, out_dir: Path, tokenizer_path: Path, max_len: 
 
 
 def use_packing(spec: CorpusSpec, objective: ObjectiveSpec) -> bool:
-  packable = objective.kind in ("minilm_v1", "minilm_v2") or (
+  packable = objective.kind in ("minilm_v1", "minilm_v2", "mlm") or (
       objective.kind == "xtreme_hidden" and objective.tokens == "all")
   if spec.packing == "on" and not packable:
     raise ValueError(f"corpus.packing=on: objective {objective.kind} (tokens="
@@ -179,7 +181,9 @@ def use_packing(spec: CorpusSpec, objective: ObjectiveSpec) -> bool:
 # --- models --------------------------------------------------------------------------------
 
 def model_task(objective: ObjectiveSpec) -> str:
-  return "classification" if objective.kind == "logit_kd" else "encoder"
+  """The student's task model: logit_kd trains a classifier, mlm an encoder with an MLM head;
+  the others an encoder."""
+  return {"logit_kd": "classification", "mlm": "mlm"}.get(objective.kind, "encoder")
 
 
 def load_teacher(spec: TeacherSpec, task: str, m: pretrained.Pretrained | None = None):
@@ -226,7 +230,10 @@ def build_student(spec: StudentSpec, teacher, teacher_cfg, tok, task, num_labels
   return model, cfg
 
 
-def make_objective(spec: ObjectiveSpec, teacher, student_cfg):
+def make_objective(spec: ObjectiveSpec, teacher, student_cfg, tok=None):
+  if spec.kind == "mlm":
+    return distillation.masked_lm(teacher, mask_id=tok.mask_id, vocab_size=student_cfg.vocab_size,
+                                  special_ids=(tok.cls_id, tok.sep_id, tok.pad_id))
   if spec.kind == "minilm_v1":
     return distillation.minilm_v1(teacher, teacher_layer=spec.teacher_layer,
                              student_layer=spec.student_layer, student_cfg=student_cfg)
@@ -283,7 +290,7 @@ def run_job(cfg: DistillConfig, *, mesh=None, teacher: pretrained.Pretrained | N
   or None), in place of `cfg.corpus`'s."""
   out_dir = configs.start_run(cfg, cfg.loop)
   task = model_task(cfg.objective)
-  teacher, t = load_teacher(cfg.teacher, task, teacher)
+  teacher, t = load_teacher(cfg.teacher, "encoder" if task == "mlm" else task, teacher)
   num_labels = t.num_labels if task == "classification" else None
   tok, t_cfg = t.tokenizer, t.config
   # From the float32 weights as loaded, not the (maybe bfloat16) frozen teacher; then let them go.
@@ -291,7 +298,7 @@ def run_job(cfg: DistillConfig, *, mesh=None, teacher: pretrained.Pretrained | N
                                  cfg.loop.seed)
   del t
   # Before any data is read: a v1 head mismatch or a bad relation-head count fails now.
-  objective = make_objective(cfg.objective, teacher, s_cfg)
+  objective = make_objective(cfg.objective, teacher, s_cfg, tok)
   if cfg.objective.kind == "xtreme_hidden" and s_cfg.hidden_size != t_cfg.hidden_size:
     student = distillation.StudentWithProjection(student, t_cfg.hidden_size,
                                             rngs=nnx.Rngs(cfg.loop.seed + 1))
@@ -304,10 +311,12 @@ def run_job(cfg: DistillConfig, *, mesh=None, teacher: pretrained.Pretrained | N
            cfg.student.init, cfg.objective.kind, train_batches.prepared.path,
            train_batches.batches_per_epoch, type(train_batches).__name__)
 
-  def wrap(model):  # the exported student: never the XtremeDistil projections
-    model = model.encoder if isinstance(model, distillation.StudentWithProjection) else model
+  def wrap(model):  # the exported student: never the XtremeDistil projections or MLM head
+    if isinstance(model, distillation.StudentWithProjection) or task == "mlm":
+      model = distillation.encoder_of(model)
     cfg = distillation.encoder_of(model).cfg
-    return pretrained.Pretrained(model, cfg, tok, source, task, num_labels)
+    return pretrained.Pretrained(model, cfg, tok, source, "encoder" if task == "mlm" else task,
+                                 num_labels)
 
   def on_eval(model, metrics, is_best):
     if is_best:
