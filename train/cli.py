@@ -43,13 +43,14 @@ def load(cls, config: str | None, overrides: list[str], default: str):
 
 
 def setup_logging() -> None:
-  """INFO lines with timestamps on stderr, without orbax's per-save chatter or "no TPU found"."""
+  """INFO lines with timestamps on stderr, without orbax's per-save chatter, "no TPU found" or
+  Beam's worker start-up."""
   import logging
   # force: importing orbax/absl already gave the root logger a WARNING-level handler, which
   # would make a plain basicConfig a no-op and hide every INFO line.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                       datefmt="%H:%M:%S", force=True)
-  for noisy in ("absl", "jax._src.xla_bridge"):
+  for noisy in ("absl", "jax._src.xla_bridge", "apache_beam"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
