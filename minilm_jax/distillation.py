@@ -56,26 +56,6 @@ class StudentWithProjection(nnx.Module):
 
 # --- teacher -------------------------------------------------------------------------------
 
-def _inputs(batch) -> dict:
-  """The model's keyword inputs: packed rows (`segment_ids`) instead of an attention mask."""
-  keys = ("input_ids", "token_type_ids", "segment_ids" if "segment_ids" in batch
-          else "attention_mask")
-  return {k: batch[k] for k in keys}
-
-
-def _real(batch):
-  """(B, T) mask of real tokens, for packed rows too."""
-  return batch["segment_ids"] > 0 if "segment_ids" in batch else batch["attention_mask"]
-
-
-def _weights(batch):
-  """Loss weights: a packed row counts as many examples as it holds (`packing.py`), so that the
-  loop's weighted mean is the mean over examples, as for unpacked rows."""
-  if "segment_ids" in batch:
-    return batch["weights"] * packing.num_segments(batch["segment_ids"])
-  return batch["weights"]
-
-
 def _teacher_runner(teacher: nnx.Module, depth: int | None = None):
   """Splits the teacher into (graphdef, params); returns (run(frozen, batch), params).
 
@@ -86,9 +66,9 @@ def _teacher_runner(teacher: nnx.Module, depth: int | None = None):
   def run(frozen, batch):
     model = nnx.merge(graphdef, frozen)
     if depth is None:
-      out = model(**_inputs(batch))
+      out = model(**packing.model_inputs(batch))
     else:
-      out = encoder_of(model)(**_inputs(batch), depth=depth)
+      out = encoder_of(model)(**packing.model_inputs(batch), depth=depth)
     return jax.lax.stop_gradient(out)
   return run, params
 
@@ -125,13 +105,13 @@ def _objective(teacher: nnx.Module, per_example, *, extra_eval=None, extra_metri
 
   def outputs(model, frozen, batch, rng):
     t = run_teacher(frozen, batch) if teacher_needed else None
-    s = model(**_inputs(batch), dropout_rng=rng)
+    s = model(**packing.model_inputs(batch), dropout_rng=rng)
     return t, s
 
   def loss_fn(model, batch, rng, frozen):
     t, s = outputs(model, frozen, batch, rng)
     per_ex, parts = per_example(model, t, s, batch)
-    return per_ex, {k: _wmean(v, _weights(batch)) for k, v in parts.items()}
+    return per_ex, {k: _wmean(v, packing.example_weights(batch)) for k, v in parts.items()}
 
   def eval_fn(model, batch, frozen):
     t, s = outputs(model, frozen, batch, None)
@@ -149,7 +129,7 @@ def _objective(teacher: nnx.Module, per_example, *, extra_eval=None, extra_metri
     return res
 
   return Objective(loss_fn, eval_fn, metrics_fn, best_metric="loss", frozen=params,
-                   weights=_weights)
+                   weights=packing.example_weights)
 
 
 def _layer(seq: list, index: int, who: str):
@@ -192,7 +172,7 @@ def minilm_v1(teacher: nnx.Module, *, teacher_layer: int = -1, student_layer: in
     sq, sk, sv = (pick(s_out, n, student_layer, "student") for n in "qkv")
     if tq.shape[2] != sq.shape[2]:
       check_minilm_v1(encoder_of(teacher).cfg, encoder_of(model).cfg)
-    mask, seg = _real(batch), batch.get("segment_ids")
+    mask, seg = packing.real_tokens(batch), batch.get("segment_ids")
     # Attention from q/k rather than out["attention_logits"]: the fused kernels (splash,
     # cuDNN) return no logits, and q/k let the loss go a chunk of heads at a time. Their sum
     # equals losses.minilm_v1_loss; kept apart for the curves.
@@ -218,7 +198,7 @@ def minilm_v2(teacher: nnx.Module, *, num_relation_heads: int = losses.RELATION_
     for name in "qkv":
       parts[f"{name}{name}_kl"] = losses.relation_kl(
           _layer(t_out[name], t_layer, "teacher"),
-          _layer(s_out[name], student_layer, "student"), _real(batch),
+          _layer(s_out[name], student_layer, "student"), packing.real_tokens(batch),
           num_relation_heads=num_relation_heads, segment_ids=batch.get("segment_ids"))
     return sum(parts.values()), parts
 
@@ -255,7 +235,7 @@ def xtreme_hidden(teacher: nnx.Module, *, layer_map: Sequence[int] | None = None
     if len(lmap) != len(s_h) or not all(0 <= i < len(t_h) for i in lmap):
       raise ValueError(f"layer_map {lmap} must give one teacher hidden-state index in "
                        f"0..{len(t_h) - 1} for each of the student's {len(s_h)} hidden states")
-    mask, seg = _real(batch), batch.get("segment_ids")
+    mask, seg = packing.real_tokens(batch), batch.get("segment_ids")
     if tokens == "cls":  # each example's first token, in packed rows each segment's
       first = (jnp.arange(mask.shape[1]) == 0)[None, :] if seg is None else (
           packing.segment_positions(seg) == 0)
@@ -317,71 +297,6 @@ def logit_kd(teacher: nnx.Module, *, temperature: float = 1.0, soft_weight: floa
 
   return _objective(teacher, per_example, extra_eval=extra_eval, extra_metrics=extra_metrics,
                     teacher_needed=bool(soft_weight))
-
-
-def mask_tokens(rng: jax.Array, ids: jax.Array, real: jax.Array, *, mask_id: int,
-                vocab_size: int, special_ids: Sequence[int], mask_prob: float = 0.15,
-                num_predictions: int | None = None):
-  """BERT's masking: round(mask_prob x n) of each row's n maskable tokens (real, not special;
-  at least one) are chosen uniformly; 80% of them become [MASK], 10% a random token, 10% stay.
-
-  Static shapes: at most `num_predictions` per row (default ceil(mask_prob x T)).
-  -> (corrupted ids (B, T), positions (B, K), original ids (B, K), weights (B, K) 1/0)."""
-  b, t = ids.shape
-  k = num_predictions or max(1, int(np.ceil(mask_prob * t)))
-  maskable = real.astype(bool)
-  for i in special_ids:
-    maskable &= ids != i
-  r_pick, r_how, r_tok = jax.random.split(rng, 3)
-  # Random priorities: the top-k maskable positions of a row are a uniform random subset.
-  score = jnp.where(maskable, jax.random.uniform(r_pick, (b, t)), -1.0)
-  _, pos = jax.lax.top_k(score, k)
-  n = jnp.clip(jnp.round(mask_prob * maskable.sum(-1)), 1, k)
-  weights = ((jnp.arange(k)[None] < n[:, None]) &
-             jnp.take_along_axis(maskable, pos, axis=1)).astype(jnp.float32)
-  labels = jnp.take_along_axis(ids, pos, axis=1)
-  u = jax.random.uniform(r_how, (b, k))
-  rand = jax.random.randint(r_tok, (b, k), 0, vocab_size, ids.dtype)
-  new = jnp.where(u < 0.8, mask_id, jnp.where(u < 0.9, rand, labels)).astype(ids.dtype)
-  rows = jnp.arange(b)[:, None]
-  corrupted = ids.at[rows, pos].set(jnp.where(weights > 0, new, labels))
-  return corrupted, pos, labels, weights
-
-
-def masked_lm(teacher: nnx.Module, *, mask_id: int, vocab_size: int, special_ids: Sequence[int],
-              mask_prob: float = 0.15, eval_seed: int = 0) -> Objective:
-  """Masked-LM pre-training of the student, the teacher unused: the no-distillation baseline
-  that spends the same steps on the same text (BERT's objective, `mask_tokens`). The student is a
-  `MaskedLM` (encoder + tied MLM head); logits are computed at the masked positions only.
-  Evaluation masks with a fixed key (`eval_seed`), so every eval scores the same predictions.
-  Per example: the mean cross-entropy over its masked tokens; `accuracy` of those predictions."""
-
-  def per_example(model, batch, mask_rng, dropout_rng):
-    inputs = _inputs(batch)
-    ids, pos, labels, w = mask_tokens(mask_rng, inputs["input_ids"], _real(batch),
-                                      mask_id=mask_id, vocab_size=vocab_size,
-                                      special_ids=special_ids, mask_prob=mask_prob)
-    hidden, _ = model.encoder(**{**inputs, "input_ids": ids}, dropout_rng=dropout_rng)
-    picked = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # (B, K, D)
-    logits = model.mlm(picked, model.encoder.embed.word[...])
-    count = jnp.maximum(w.sum(-1), 1.0)
-    ce = losses.token_cross_entropy(logits, labels, w) / count
-    hits = ((logits.argmax(-1) == labels) * w).sum(-1) / count
-    return ce, hits
-
-  def loss_fn(model, batch, rng, frozen):
-    ce, hits = per_example(model, batch, jax.random.fold_in(rng, 1), rng)
-    return ce, {"mlm_accuracy": _wmean(hits, _weights(batch))}
-
-  def eval_fn(model, batch, frozen):
-    ce, hits = per_example(model, batch, jax.random.key(eval_seed), None)
-    return {"loss": ce, "mlm_accuracy": hits}
-
-  def metrics_fn(out):
-    return {k: float(np.mean(v)) for k, v in out.items() if np.asarray(v).ndim == 1}
-
-  del teacher  # the same signature as the distillation objectives; nothing of it is kept
-  return Objective(loss_fn, eval_fn, metrics_fn, best_metric="loss", weights=_weights)
 
 
 # --- students ------------------------------------------------------------------------------

@@ -44,3 +44,25 @@ def num_segments(segment_ids: Array) -> Array:
   """(B, T) -> (B,) float32: how many examples each row holds."""
   seg = jnp.asarray(segment_ids)
   return ((seg > 0) & _starts(seg)).sum(-1).astype(jnp.float32)
+
+
+# --- batches: packed rows or padded ones ------------------------------------------------------
+
+def model_inputs(batch: dict) -> dict:
+  """The model's keyword inputs: packed rows (`segment_ids`) instead of an attention mask."""
+  keys = ("input_ids", "token_type_ids", "segment_ids" if "segment_ids" in batch
+          else "attention_mask")
+  return {k: batch[k] for k in keys}
+
+
+def real_tokens(batch: dict) -> Array:
+  """(B, T) mask of real tokens, for packed rows too."""
+  return batch["segment_ids"] > 0 if "segment_ids" in batch else batch["attention_mask"]
+
+
+def example_weights(batch: dict) -> Array:
+  """Loss weights: a packed row counts as many examples as it holds, so that the loop's weighted
+  mean is the mean over examples, as for unpacked rows."""
+  if "segment_ids" in batch:
+    return batch["weights"] * num_segments(batch["segment_ids"])
+  return batch["weights"]

@@ -16,7 +16,7 @@ from typing import Literal
 import flax.nnx as nnx
 import jax
 
-from minilm_jax import configs, data, distillation, pretrained, trainer
+from minilm_jax import configs, data, distillation, mlm, pretrained, trainer
 from minilm_jax.config import AttentionImpl
 from minilm_jax.optim import OptimConfig
 from minilm_jax.recipes.finetune import resolve_model_path
@@ -232,8 +232,8 @@ def build_student(spec: StudentSpec, teacher, teacher_cfg, tok, task, num_labels
 
 def make_objective(spec: ObjectiveSpec, teacher, student_cfg, tok=None):
   if spec.kind == "mlm":
-    return distillation.masked_lm(teacher, mask_id=tok.mask_id, vocab_size=student_cfg.vocab_size,
-                                  special_ids=(tok.cls_id, tok.sep_id, tok.pad_id))
+    return mlm.objective(mask_id=tok.mask_id, vocab_size=student_cfg.vocab_size,
+                         special_ids=(tok.cls_id, tok.sep_id, tok.pad_id))
   if spec.kind == "minilm_v1":
     return distillation.minilm_v1(teacher, teacher_layer=spec.teacher_layer,
                              student_layer=spec.student_layer, student_cfg=student_cfg)
