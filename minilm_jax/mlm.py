@@ -49,7 +49,8 @@ def objective(*, mask_id: int, vocab_size: int, special_ids: Sequence[int],
   """Masked-LM training of a `MaskedLM` (encoder + tied MLM head) with `mask_tokens`; logits are
   computed at the masked positions only (B, K, V), not at every position.
   Evaluation masks with a fixed key (`eval_seed`), so every eval scores the same predictions.
-  Per example: the mean cross-entropy over its masked tokens; `accuracy` of those predictions."""
+  Per example: the mean cross-entropy over its masked tokens; `mlm_accuracy` of those
+  predictions."""
 
   def per_example(model, batch, mask_rng, dropout_rng):
     inputs = packing.model_inputs(batch)

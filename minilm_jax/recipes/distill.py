@@ -230,7 +230,7 @@ def build_student(spec: StudentSpec, teacher, teacher_cfg, tok, task, num_labels
   return model, cfg
 
 
-def make_objective(spec: ObjectiveSpec, teacher, student_cfg, tok=None):
+def make_objective(spec: ObjectiveSpec, teacher, student_cfg, tok):
   if spec.kind == "mlm":
     return mlm.objective(mask_id=tok.mask_id, vocab_size=student_cfg.vocab_size,
                          special_ids=(tok.cls_id, tok.sep_id, tok.pad_id))
@@ -290,7 +290,9 @@ def run_job(cfg: DistillConfig, *, mesh=None, teacher: pretrained.Pretrained | N
   or None), in place of `cfg.corpus`'s."""
   out_dir = configs.start_run(cfg, cfg.loop)
   task = model_task(cfg.objective)
-  teacher, t = load_teacher(cfg.teacher, "encoder" if task == "mlm" else task, teacher)
+  # The teacher's task and the exported student's: the baseline's MLM head only trains.
+  exported = "encoder" if task == "mlm" else task
+  teacher, t = load_teacher(cfg.teacher, exported, teacher)
   num_labels = t.num_labels if task == "classification" else None
   tok, t_cfg = t.tokenizer, t.config
   # From the float32 weights as loaded, not the (maybe bfloat16) frozen teacher; then let them go.
@@ -315,8 +317,7 @@ def run_job(cfg: DistillConfig, *, mesh=None, teacher: pretrained.Pretrained | N
     if isinstance(model, distillation.StudentWithProjection) or task == "mlm":
       model = distillation.encoder_of(model)
     cfg = distillation.encoder_of(model).cfg
-    return pretrained.Pretrained(model, cfg, tok, source, "encoder" if task == "mlm" else task,
-                                 num_labels)
+    return pretrained.Pretrained(model, cfg, tok, source, exported, num_labels)
 
   def on_eval(model, metrics, is_best):
     if is_best:
