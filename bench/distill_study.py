@@ -25,6 +25,10 @@ on two real labeled tasks, `--seeds` each (the seed sets the head's init, the or
   man sections: the first DESCRIPTION paragraph of a Debian manual page -> its section (1, 2, 3,
     5, 7, 8); pages split by name hash (data.manpages.held_out, 20%). Metric: macro-F1 (72% of
     the pages are section 1, so accuracy mostly counts the majority class).
+A reference row, not an arm: the 3 x 384 teacher-layer init fine-tuned untrained (0 steps), which
+tells what distillation added from what a baseline lost. The comparison table puts each size's
+MiniLMv2 against that size's no-distillation baselines on each task's metric: the gap of the
+means against the sum of the two seed sds, and Welch's t-test.
 Every finished cell is written to <out>/results.json at once, and a rerun skips what is there:
 the study resumes where it stopped. At the end it writes the table between the study markers of
 bench/README.md. Costs: each arm's distillation tokens/s in bfloat16 (the study's dtype) from its
@@ -42,10 +46,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
 import minilm_jax
 from bench import common, corpus_text
-from minilm_jax import configs, data
+from minilm_jax import configs, data, distillation, pretrained
 from minilm_jax.data import manpages
 from minilm_jax.recipes import distill as distill_recipe
 from train import cli
@@ -61,6 +66,13 @@ ARMS = {
     "4x256 xtreme_hidden": {"objective.kind": "xtreme_hidden"},
     "4x256 random mlm": {"objective.kind": "mlm"},
 }
+# Not an arm: what the teacher-layer arms start from, fine-tuned as it is (0 steps). It tells a
+# distillation gain from a baseline's loss (masked LM starts with a random MLM head).
+UNTRAINED = "3x384 teacher layers, untrained"
+MODELS = ["teacher", UNTRAINED, *ARMS]
+# Does each size's MiniLMv2 student beat that size's no-distillation baselines?
+VERSUS = {"3x384 minilm_v2": ("3x384 teacher-layers mlm", "3x384 random mlm"),
+          "4x256 minilm_v2": ("4x256 random mlm",)}
 W256 = {"student.init": "random", "student.num_layers": 4, "student.hidden_size": 256,
         "student.num_heads": 4, "student.intermediate_size": 1024}
 DISTILL = {  # every arm: the same text, steps, batch and optimizer
@@ -132,7 +144,21 @@ def tokens_per_s(summary: dict, seq_len: int) -> float:
   return float(np.median(rates)) * seq_len if rates else float("nan")
 
 
+def untrained(args) -> Path:
+  """UNTRAINED saved as a model directory: embeddings, pooler and layers 1, 3, 5 of the teacher."""
+  out = args.out / "students" / "untrained" / "final"
+  if not out.is_dir():
+    t = pretrained.from_pretrained(distill_recipe.resolve_model_path(args.teacher))
+    cfg = configs.merge(distill_recipe.StudentSpec(), {"layers": DISTILL["student.layers"]})
+    s_cfg = distill_recipe.student_config(cfg, t.config).replace(dtype="float32")
+    model = distillation.init_from_teacher_layers(t.model, s_cfg, cfg.layers)
+    pretrained.Pretrained(model, s_cfg, t.tokenizer, t.source, "encoder").save(out)
+  return out
+
+
 def distill_arm(name, args, corpus, results, save) -> Path:
+  if name == UNTRAINED:
+    return untrained(args)
   out = args.out / "students" / name.replace(" ", "_")
   cell = results["arms"].get(name)
   if cell and (out / "final").is_dir():
@@ -181,7 +207,7 @@ def finetune(model_path, seed, split) -> dict:
 def summarise(results) -> list[dict]:
   """Mean and sd over seeds of every (model, task, metric) with results."""
   rows = []
-  for model in ["teacher", *ARMS]:
+  for model in MODELS:
     for task in TASKS:
       cells = [c for k, c in results["finetune"].items()
                if k.rsplit("/", 1)[0] == f"{model}/{task}"]
@@ -203,7 +229,7 @@ def table(results, command: str) -> str:
           + " | distill tokens/s (bf16) | distill loss, first -> last log |",
           "|---|" + "---|" * (len(cols) + 2)]
   lines = []
-  for model in ["teacher", *ARMS]:
+  for model in MODELS:
     cells = []
     for t, m in cols:
       r = by.get((model, t, m))
@@ -215,9 +241,32 @@ def table(results, command: str) -> str:
   costs = "; ".join(f"{k}: {v['tokens_per_s']:,.0f} tokens/s"
                     for k, v in results["costs"].items())
   seeds = sorted({k.rsplit("/", 1)[1] for k in results["finetune"]})
-  return "\n".join([f"`{command}`", "", f"Mean +- sd over seeds {', '.join(seeds)}.", "",
-                    *head, *lines, "",
-                    f"Float32 distillation ({results.get('fp32_steps', 0)} steps): {costs or '-'}"])
+  versus = [f"| {c['distilled']} | {c['baseline']} | {c['task']} {c['metric']} | {c['gap']:+.3f} "
+            f"| {c['sd_sum']:.3f} | {c['welch_p']:.3g} | {'yes' if c['beats'] else 'no'} |"
+            for c in results.get("comparisons", [])]
+  return "\n".join([
+      f"`{command}`", "", f"Mean +- sd over seeds {', '.join(seeds)}.", "", *head, *lines, "",
+      f"Float32 distillation ({results.get('fp32_steps', 0)} steps): {costs or '-'}", "",
+      "| distilled | baseline | task, metric | gap of means | sd + sd | Welch p | gap > sd + sd |",
+      "|---|---|---|---|---|---|---|", *versus])
+
+
+def comparisons(results) -> list[dict]:
+  """MiniLMv2 against each same-size baseline, per task on its metric: the gap of the means,
+  the sum of the two seed sds (the issue's "more than the seed spread"), Welch's t-test."""
+  by = {(r["model"], r["task"], r["metric"]): r for r in results["summary"]}
+  out = []
+  for v2, baselines in VERSUS.items():
+    for base in baselines:
+      for task, metric in TASKS.items():
+        a, b = by.get((v2, task, metric)), by.get((base, task, metric))
+        if a and b and a["n"] > 1 and b["n"] > 1:
+          p = stats.ttest_ind(a["values"], b["values"], equal_var=False).pvalue
+          gap, spread = a["mean"] - b["mean"], a["sd"] + b["sd"]
+          out.append({"distilled": v2, "baseline": base, "task": task, "metric": metric,
+                      "gap": gap, "sd_sum": spread, "welch_p": float(p),
+                      "beats": bool(gap > spread)})
+  return out
 
 
 def write_readme(text: str, path: Path = Path(__file__).parent / "README.md"):
@@ -227,7 +276,7 @@ def write_readme(text: str, path: Path = Path(__file__).parent / "README.md"):
     doc = re.sub(re.escape(MARK[0]) + ".*?" + re.escape(MARK[1]), lambda _: block, doc,
                  flags=re.S)
   else:
-    doc = doc.rstrip("\n") + "\n\n### The distillation study (issue 19)\n\n" + block + "\n"
+    doc = doc.rstrip("\n") + "\n\n## The distillation study (issue 19)\n\n" + block + "\n"
   path.write_text(doc)
 
 
@@ -261,7 +310,7 @@ def main(argv=None) -> int:
   if unknown := set(arms) - set(ARMS):
     raise SystemExit(f"unknown arms {sorted(unknown)}; ARMS: {list(ARMS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
-  for model in ["teacher", *arms]:
+  for model in ["teacher", UNTRAINED, *arms]:
     path = (distill_recipe.resolve_model_path(args.teacher) if model == "teacher"
             else distill_arm(model, args, corpus, results, save))
     for task in TASKS:
@@ -274,6 +323,7 @@ def main(argv=None) -> int:
           save()
   fp32_costs(args, corpus, results, save)
   results["summary"] = summarise(results)
+  results["comparisons"] = comparisons(results)
   save()
   text = table(results, common.command_line())
   print(text)
