@@ -290,6 +290,9 @@ def main(argv=None) -> int:
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--fp32-steps", type=int, default=30)
   p.add_argument("--arms", default="", help="comma-separated subset of ARMS (default: all)")
+  p.add_argument("--tasks", default="", help="comma-separated subset of TASKS (default: all)")
+  p.add_argument("--no-references", action="store_true",
+                 help="skip the teacher's and the untrained init's fine-tunes (a probe of arms)")
   p.add_argument("--no-readme", action="store_true")
   args = p.parse_args(argv)
   cli.setup_logging()
@@ -310,10 +313,13 @@ def main(argv=None) -> int:
   if unknown := set(arms) - set(ARMS):
     raise SystemExit(f"unknown arms {sorted(unknown)}; ARMS: {list(ARMS)}")
   seeds = [int(s) for s in args.seeds.split(",")]
-  for model in ["teacher", UNTRAINED, *arms]:
+  tasks_run = [t.strip() for t in args.tasks.split(",") if t.strip()] or list(TASKS)
+  if unknown := set(tasks_run) - set(TASKS):
+    raise SystemExit(f"unknown tasks {sorted(unknown)}; TASKS: {list(TASKS)}")
+  for model in ([] if args.no_references else ["teacher", UNTRAINED]) + arms:
     path = (distill_recipe.resolve_model_path(args.teacher) if model == "teacher"
             else distill_arm(model, args, corpus, results, save))
-    for task in TASKS:
+    for task in tasks_run:
       for seed in seeds:
         key = f"{model}/{task}/{seed}"
         if key not in results["finetune"]:
