@@ -13,7 +13,8 @@ from pathlib import Path
 from minilm_jax import data
 
 
-def _doc_lines():
+def doc_lines():
+  """The /usr/share/doc copyright files and changelogs, lines of 4+ words, whitespace normalised."""
   for path in sorted(Path("/usr/share/doc").glob("*/*")):
     if path.name not in ("copyright", "changelog.Debian.gz", "changelog.gz", "NEWS.Debian.gz"):
       continue
@@ -38,7 +39,7 @@ def base_text(out: Path) -> Path:
       text = " ".join(ex["text"].split())
       if text:
         f.write(text + "\n")
-    for line in _doc_lines():
+    for line in doc_lines():
       f.write(line + "\n")
   tmp.replace(out)
   return out

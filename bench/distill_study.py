@@ -75,9 +75,10 @@ VERSUS = {"3x384 minilm_v2": ("3x384 teacher-layers mlm", "3x384 random mlm"),
           "4x256 minilm_v2": ("4x256 random mlm",)}
 W256 = {"student.init": "random", "student.num_layers": 4, "student.hidden_size": 256,
         "student.num_heads": 4, "student.intermediate_size": 1024}
+SEQ_LEN = 128  # packed rows; the corpus is cut to it too
 DISTILL = {  # every arm: the same text, steps, batch and optimizer
     "student.layers": (1, 3, 5), "student.dtype": "bfloat16", "teacher.dtype": "bfloat16",
-    "corpus.source": "prepared", "corpus.max_length": 128, "corpus.held_out": 256,
+    "corpus.source": "prepared", "corpus.max_length": SEQ_LEN, "corpus.held_out": 256,
     "optim.learning_rate": 2e-4, "optim.warmup_ratio": 0.05, "optim.weight_decay": 0.01,
     "optim.max_grad_norm": 1.0, "loop.batch_size": 32, "loop.log_every": 10,
     "loop.progress": False, "loop.seed": 0, "loop.overwrite": True, "export_hf": False,
@@ -108,12 +109,12 @@ def write_corpus(out: Path, teacher: str) -> tuple[Path, dict]:
       for ex in train:
         if text := " ".join(ex["text"].split()):
           f.write(text + "\n")
-      for line in corpus_text._doc_lines():
+      for line in corpus_text.doc_lines():
         f.write(line + "\n")
     tmp.replace(path)
   prepared = data.prepare_once(data.Source("text", paths=(str(path),)), out / "prepared",
                                tokenizer_path=distill_recipe.resolve_model_path(teacher),
-                               max_length=DISTILL["corpus.max_length"])
+                               max_length=SEQ_LEN)
   return prepared.path, {"text": str(path), "bytes": path.stat().st_size,
                          "examples": prepared.num_examples, "tokens": int(prepared.lengths().sum())}
 
@@ -138,10 +139,10 @@ def tasks(train_examples: int, test_examples: int) -> dict:
   }
 
 
-def tokens_per_s(summary: dict, seq_len: int) -> float:
+def tokens_per_s(summary: dict) -> float:
   """Median packed tokens/s over the logged windows after the first (which compiles)."""
   rates = [h["seq_per_s"] for h in summary["history"][1:]]
-  return float(np.median(rates)) * seq_len if rates else float("nan")
+  return float(np.median(rates)) * SEQ_LEN if rates else float("nan")
 
 
 def untrained(args) -> Path:
@@ -167,9 +168,9 @@ def distill_arm(name, args, corpus, results, save) -> Path:
   t0 = time.perf_counter()
   summary = distill_recipe.run(cfg)
   results["arms"][name] = {
-      "config": configs.to_dict(cfg) if hasattr(configs, "to_dict") else cli.to_dict(cfg),
-      "steps": summary["steps"], "tokens_seen": summary["steps"] * cfg.loop.batch_size * 128,
-      "tokens_per_s_bf16": tokens_per_s(summary, 128), "seconds": time.perf_counter() - t0,
+      "config": configs.to_dict(cfg),
+      "steps": summary["steps"], "tokens_seen": summary["steps"] * cfg.loop.batch_size * SEQ_LEN,
+      "tokens_per_s_bf16": tokens_per_s(summary), "seconds": time.perf_counter() - t0,
       "first_loss": summary["history"][0]["loss"], "last_loss": summary["history"][-1]["loss"],
       "eval_loss": summary["final"] and summary["final"].get("loss")}
   save()
@@ -186,7 +187,7 @@ def fp32_costs(args, corpus, results, save):
                                    args.out / "fp32_costs"),
                         {"student.dtype": "float32", "teacher.dtype": "float32",
                          "loop.eval_every": 0, "corpus.held_out": 0})
-    results["costs"][key] = {"tokens_per_s": tokens_per_s(distill_recipe.run(cfg), 128),
+    results["costs"][key] = {"tokens_per_s": tokens_per_s(distill_recipe.run(cfg)),
                              "steps": args.fp32_steps}
     save()
 
