@@ -50,7 +50,7 @@ from scipy import stats
 
 import minilm_jax
 from bench import common, corpus_text
-from minilm_jax import configs, data, distillation, pretrained
+from minilm_jax import configs, data, pretrained
 from minilm_jax.data import manpages
 from minilm_jax.recipes import distill as distill_recipe
 from train import cli
@@ -139,6 +139,14 @@ def tasks(train_examples: int, test_examples: int) -> dict:
   }
 
 
+def subset(text: str, known, what: str) -> list[str]:
+  """A comma-separated --arms / --tasks value -> its names (all of `known` when empty)."""
+  names = [n.strip() for n in text.split(",") if n.strip()] or list(known)
+  if unknown := set(names) - set(known):
+    raise SystemExit(f"unknown {what} {sorted(unknown)}; {what}: {list(known)}")
+  return names
+
+
 def tokens_per_s(summary: dict) -> float:
   """Median packed tokens/s over the logged windows after the first (which compiles)."""
   rates = [h["seq_per_s"] for h in summary["history"][1:]]
@@ -150,10 +158,10 @@ def untrained(args) -> Path:
   out = args.out / "students" / "untrained" / "final"
   if not out.is_dir():
     t = pretrained.from_pretrained(distill_recipe.resolve_model_path(args.teacher))
-    cfg = configs.merge(distill_recipe.StudentSpec(), {"layers": DISTILL["student.layers"]})
-    s_cfg = distill_recipe.student_config(cfg, t.config).replace(dtype="float32")
-    model = distillation.init_from_teacher_layers(t.model, s_cfg, cfg.layers)
-    pretrained.Pretrained(model, s_cfg, t.tokenizer, t.source, "encoder").save(out)
+    spec = distill_recipe.StudentSpec(layers=DISTILL["student.layers"])
+    model, cfg = distill_recipe.build_student(spec, t.model, t.config, t.tokenizer, "encoder",
+                                              None, seed=0)
+    pretrained.Pretrained(model, cfg, t.tokenizer, t.source, "encoder").save(out)
   return out
 
 
@@ -310,13 +318,8 @@ def main(argv=None) -> int:
   save = lambda: res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
   corpus, results["corpus"] = write_corpus(args.out, args.teacher)
   split = tasks(args.train_examples, args.test_examples)
-  arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(ARMS)
-  if unknown := set(arms) - set(ARMS):
-    raise SystemExit(f"unknown arms {sorted(unknown)}; ARMS: {list(ARMS)}")
+  arms, tasks_run = subset(args.arms, ARMS, "arms"), subset(args.tasks, TASKS, "tasks")
   seeds = [int(s) for s in args.seeds.split(",")]
-  tasks_run = [t.strip() for t in args.tasks.split(",") if t.strip()] or list(TASKS)
-  if unknown := set(tasks_run) - set(TASKS):
-    raise SystemExit(f"unknown tasks {sorted(unknown)}; TASKS: {list(TASKS)}")
   for model in ([] if args.no_references else ["teacher", UNTRAINED]) + arms:
     path = (distill_recipe.resolve_model_path(args.teacher) if model == "teacher"
             else distill_arm(model, args, corpus, results, save))
