@@ -31,9 +31,11 @@ tells what distillation added from what a baseline lost. The comparison table pu
 MiniLMv2 against that size's no-distillation baselines on each task's metric: the gap of the
 means against the sum of the two seed sds, and Welch's t-test.
 Every finished cell is written to <out>/results.json at once, and a rerun skips what is there:
-the study resumes where it stopped. At the end it writes the table into bench/README.md, between
-the markers of its --steps. Costs: each arm's distillation tokens/s in bfloat16 (the study's
-dtype) from its own run, and in float32 from `--fp32-steps` extra steps of each student size.
+the study resumes where it stopped, an arm from its last checkpoint (every 200 steps; the arm's
+"seconds" then count the last stretch only). At the end it writes the table into
+bench/README.md, between the markers of its --steps. Costs: each arm's distillation tokens/s in
+bfloat16 (the study's dtype) from its own run, and in float32 from `--fp32-steps` extra steps of
+each student size.
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ def marks(steps: int) -> tuple[str, str]:
 def arm_config(name: str, steps: int, corpus: Path, teacher: str, out: Path):
   over = {**DISTILL, **(W256 if name.startswith("4x256") else {}), **ARMS[name],
           "teacher.path": teacher, "corpus.train_path": str(corpus), "loop.max_steps": steps,
-          "loop.eval_every": steps, "loop.output_dir": str(out)}
+          "loop.eval_every": steps, "loop.output_dir": str(out),
+          # A study stopped mid-arm goes on from the arm's last checkpoint (exact resume).
+          "loop.save_every": min(200, steps), "loop.resume": True}
   return configs.merge(distill_recipe.DistillConfig(), over)
 
 
