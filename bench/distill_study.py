@@ -194,18 +194,25 @@ def distill_arm(name, args, corpus, results, save) -> Path:
   return out / "final"
 
 
+def fp32_config(name: str, args, corpus: Path):
+  """The float32 cost run of arm `name`: its own directory, always from scratch. (They shared
+  one once, and the second size resumed the first's checkpoint: CheckpointMismatch.) A timing
+  never resumes: a run resumed at its last step logs nothing to time."""
+  return configs.merge(
+      arm_config(name, args.fp32_steps, corpus, args.teacher,
+                 args.out / "fp32_costs" / name.replace(" ", "_")),
+      {"student.dtype": "float32", "teacher.dtype": "float32", "loop.eval_every": 0,
+       "corpus.held_out": 0, "loop.resume": False, "loop.overwrite": True})
+
+
 def fp32_costs(args, corpus, results, save):
   """Distillation tokens/s in float32 (student and teacher) for the v2 arm of each size."""
   for name in ("3x384 minilm_v2", "4x256 minilm_v2"):
     key = f"{name} float32"
     if key in results["costs"] or args.fp32_steps <= 0:
       continue
-    cfg = configs.merge(arm_config(name, args.fp32_steps, corpus, args.teacher,
-                                   args.out / "fp32_costs"),
-                        {"student.dtype": "float32", "teacher.dtype": "float32",
-                         "loop.eval_every": 0, "corpus.held_out": 0})
-    results["costs"][key] = {"tokens_per_s": tokens_per_s(distill_recipe.run(cfg)),
-                             "steps": args.fp32_steps}
+    results["costs"][key] = {"tokens_per_s": tokens_per_s(distill_recipe.run(
+        fp32_config(name, args, corpus))), "steps": args.fp32_steps}
     save()
 
 

