@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -332,9 +333,10 @@ def emit(row: dict, path: str | None):
 
 
 def command_line() -> str:
+  """The command that ran this benchmark, quoted so that it can be pasted back into a shell."""
   flags = os.environ.get("XLA_FLAGS")
-  prefix = f"XLA_FLAGS='{flags}' " if flags else ""
-  return prefix + " ".join(["python -m", _module(), *sys.argv[1:]])
+  prefix = f"XLA_FLAGS={shlex.quote(flags)} " if flags else ""
+  return prefix + "python -m " + shlex.join([_module(), *sys.argv[1:]])
 
 
 def _module() -> str:
