@@ -244,8 +244,37 @@ def probe(model_path, split) -> dict:
   scale = preprocessing.StandardScaler().fit(emb := m.encode(x, max_length=SEQ_LEN))
   clf = linear_model.LogisticRegression(max_iter=5000).fit(scale.transform(emb), y)
   pred = clf.predict(scale.transform(m.encode(tx, max_length=SEQ_LEN)))
-  return {"accuracy": float(metrics.accuracy_score(ty, pred)),
-          "macro_f1": float(metrics.f1_score(ty, pred, average="macro"))}
+  return {**score(ty, pred), "predictions": [str(p) for p in pred]}
+
+
+def score(labels, predictions) -> dict:
+  return {"accuracy": float(metrics.accuracy_score(labels, predictions)),
+          "macro_f1": float(metrics.f1_score(labels, predictions, average="macro"))}
+
+
+def probe_comparisons(results, resamples: int = 2000) -> list[dict]:
+  """MiniLMv2's probe against each same-size baseline's, per task on its metric: the gap and
+  its 95% interval from a paired bootstrap over the test examples (both models scored on the
+  same resampled examples). "beats": the whole interval is above 0."""
+  out = []
+  for v2, baselines in VERSUS.items():
+    for base in baselines:
+      for task, metric in TASKS.items():
+        a, b = (results["probe"].get(f"{m}/{task}") for m in (v2, base))
+        if not (a and b):
+          continue
+        y = np.asarray(results["probe_labels"][task])
+        pa, pb = np.asarray(a["predictions"]), np.asarray(b["predictions"])
+        rng = np.random.default_rng(0)
+        gaps = []
+        for _ in range(resamples):
+          i = rng.integers(0, len(y), len(y))
+          gaps.append(score(y[i], pa[i])[metric] - score(y[i], pb[i])[metric])
+        lo, hi = np.percentile(gaps, [2.5, 97.5])
+        out.append({"distilled": v2, "baseline": base, "task": task, "metric": metric,
+                    "gap": a[metric] - b[metric], "ci95": [float(lo), float(hi)],
+                    "beats": bool(lo > 0)})
+  return out
 
 
 def summarise(results) -> list[dict]:
@@ -315,6 +344,13 @@ def probe_table(results) -> list[str]:
     if any(cells):
       lines.append(f"| {model} | " + " | ".join(f"{c[m]:.3f}" if c else "-"
                                                 for c in cells for m in METRICS) + " |")
+  versus = [f"| {c['distilled']} | {c['baseline']} | {c['task']} {c['metric']} | {c['gap']:+.3f} "
+            f"| {c['ci95'][0]:+.3f} .. {c['ci95'][1]:+.3f} | {'yes' if c['beats'] else 'no'} |"
+            for c in results.get("probe_comparisons", [])]
+  if versus:
+    lines += ["", "| distilled | baseline | task, metric (probe) | gap | 95% interval (paired "
+              "bootstrap over test examples) | interval > 0 |", "|---|---|---|---|---|---|",
+              *versus]
   return lines
 
 
@@ -374,7 +410,8 @@ def main(argv=None) -> int:
     raise SystemExit(f"{res_path} holds a study with other settings ({results.get('settings')}); "
                      f"give another --out or delete it")
   results = {"settings": settings, "env": common.describe_env(), "arms": {}, "finetune": {},
-             "costs": {}, "probe": {}, **results, "fp32_steps": args.fp32_steps}
+             "costs": {}, "probe": {},
+             "probe_labels": {}, **results, "fp32_steps": args.fp32_steps}
   save = lambda: res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
   corpus, results["corpus"] = write_corpus(args.out, args.teacher)
   split = tasks(args.train_examples, args.test_examples)
@@ -391,13 +428,17 @@ def main(argv=None) -> int:
           logging.info("%s: %s", key, results["finetune"][key])
           results["summary"] = summarise(results)
           save()
+      results["probe_labels"][task] = split[task][3]
       if f"{model}/{task}" not in results["probe"]:
         results["probe"][f"{model}/{task}"] = probe(path, split[task])
-        logging.info("%s/%s probe: %s", model, task, results["probe"][f"{model}/{task}"])
+        logging.info("%s/%s probe: %s", model, task,
+                     {k: v for k, v in results["probe"][f"{model}/{task}"].items()
+                      if k != "predictions"})
         save()
   fp32_costs(args, corpus, results, save)
   results["summary"] = summarise(results)
   results["comparisons"] = comparisons(results)
+  results["probe_comparisons"] = probe_comparisons(results)
   save()
   text = table(results, common.command_line())
   print(text)

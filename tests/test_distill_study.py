@@ -84,3 +84,24 @@ def test_linear_probe_reads_the_label_a_word_carries_and_is_deterministic(tiny_h
   assert study.probe(tiny_hf_dir, split) == got
   shuffled = (split[0], list(rng.permutation(split[1])), split[2], split[3])
   assert study.probe(tiny_hf_dir, shuffled)["accuracy"] < 0.75
+
+
+def test_probe_comparison_interval_excludes_zero_only_for_a_real_gap():
+  rng = np.random.default_rng(1)
+  labels = list(rng.choice(["1", "5", "8"], 400))
+  worse = [y if rng.random() > 0.3 else "1" for y in labels]
+  alike = [y if rng.random() > 0.3 else "1" for y in labels]  # as good, other errors
+  v2, mlm = "4x256 minilm_v2", "4x256 random mlm"
+  def results(a, b):
+    r = {"probe_labels": {"man sections": labels}, "probe": {}}
+    for model, pred in ((v2, a), (mlm, b)):
+      r["probe"][f"{model}/man sections"] = {**study.score(labels, pred), "predictions": pred}
+    return r
+  [real] = study.probe_comparisons(results(labels, worse), resamples=300)
+  assert real["gap"] > 0.2 and real["ci95"][0] > 0.1 and real["beats"]
+  [level] = study.probe_comparisons(results(alike, worse), resamples=300)
+  assert level["ci95"][0] < level["gap"] < level["ci95"][1] and not level["beats"], level
+  assert level["ci95"][0] < 0 < level["ci95"][1]
+  text = "\n".join(study.probe_table(results(labels, worse) | {
+      "probe_comparisons": [real]}))
+  assert f"| {v2} | {mlm} | man sections macro_f1 | {real['gap']:+.3f} |" in text
