@@ -189,6 +189,9 @@ def distill_arm(name, args, corpus, results, save) -> Path:
   cfg = arm_config(name, args.steps, corpus, args.teacher, out)
   t0 = time.perf_counter()
   summary = distill_recipe.run(cfg)
+  if summary.get("preempted"):  # SIGTERM / Ctrl-C: a checkpoint, no student; nothing to record
+    raise SystemExit(f"{name}: stopped at step {summary['steps']} of {args.steps}, checkpoint "
+                     f"saved in {out / 'checkpoints'}; run the same command again to resume")
   results["arms"][name] = {
       "config": configs.to_dict(cfg),
       "steps": summary["steps"], "tokens_seen": summary["steps"] * cfg.loop.batch_size * SEQ_LEN,

@@ -105,3 +105,16 @@ def test_probe_comparison_interval_excludes_zero_only_for_a_real_gap():
   text = "\n".join(study.probe_table(results(labels, worse) | {
       "probe_comparisons": [real]}))
   assert f"| {v2} | {mlm} | man sections macro_f1 | {real['gap']:+.3f} |" in text
+
+
+def test_a_preempted_arm_is_not_recorded_and_says_how_to_resume(tmp_path, monkeypatch):
+  # Regression: a SIGTERM mid-arm returned a summary (steps 622 of 3600, a checkpoint, no
+  # student); the study recorded the arm as done and failed on fine-tuning its missing final/.
+  monkeypatch.setattr(distill_recipe, "run", lambda cfg: {
+      "preempted": True, "steps": 622, "history": [{"loss": 1.0, "seq_per_s": 1.0}]})
+  args = argparse.Namespace(out=tmp_path, steps=3600, teacher="packaged:all-minilm-l6-v2")
+  results, saves = {"arms": {}}, []
+  with pytest.raises(SystemExit, match=r"step 622 of 3600.*again to resume"):
+    study.distill_arm("4x256 minilm_v2", args, tmp_path / "prepared", results,
+                      lambda: saves.append(1))
+  assert results["arms"] == {} and saves == []
