@@ -312,7 +312,10 @@ def _train(preemption: StopRequest, model, objective, train_batches, loop, optim
     else:
       start, state, data_state = restored
       train_batches.restore(data_state)
-      log.info("resumed at step %d (data %s)", start, data_state)
+      # The data state's scalars; a packer's open rows (lists of example ids) only counted.
+      brief = {k: f"{len(v)} items" if isinstance(v, (list, tuple, dict)) else v
+               for k, v in data_state.items()} if isinstance(data_state, dict) else data_state
+      log.info("resumed at step %d (data %s)", start, brief)
 
   logger = logger or MetricLogger(out_dir, enabled=jax.process_index() == 0)
   history, evals, best = logger.load_history(start)
