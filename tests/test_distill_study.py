@@ -4,12 +4,14 @@ summary and comparison of finished cells."""
 from __future__ import annotations
 
 import argparse
+import gzip
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench import corpus_text
 from bench import distill_study as study
 from minilm_jax.recipes import distill as distill_recipe
 
@@ -138,10 +140,50 @@ def test_a_model_with_every_cell_in_the_results_needs_no_student():
 def test_each_steps_and_epochs_has_its_own_readme_table(tmp_path):
   readme = tmp_path / "README.md"
   readme.write_text("# Benchmarks\n")
-  study.write_readme("table A", 400, 3, readme)
-  study.write_readme("table B", 400, 10, readme)
-  study.write_readme("table A2", 400, 3, readme)
+  study.write_readme("table A", 400, 3, path=readme)
+  study.write_readme("table B", 400, 10, path=readme)
+  study.write_readme("table C", 400, 10, "general", path=readme)
+  study.write_readme("table A2", 400, 3, path=readme)
+  study.write_readme("table C2", 400, 10, "general", path=readme)
   doc = readme.read_text()
   assert "table A2" in doc and "table B" in doc and "table A\n" not in doc
-  assert doc.count("### The distillation study, 400 steps a student") == 2
-  assert doc.index("table A2") < doc.index("table B")
+  assert "table C2" in doc and "table C\n" not in doc
+  assert doc.count("### The distillation study, 400 steps a student") == 3
+  assert doc.count("10 fine-tuning epochs, general-text corpus") == 1
+  assert doc.index("table A2") < doc.index("table B") < doc.index("table C2")
+
+
+def test_general_text_reads_the_three_packages_without_their_markup(tmp_path):
+  # The layout `bash .ci/setup_env.sh bench` unpacks (dpkg-deb -x), in miniature.
+  gcide = tmp_path / corpus_text.GCIDE
+  gcide.parent.mkdir(parents=True)
+  gcide.write_bytes(gzip.compress(
+      b"00-database-short\n   The Collaborative International Dictionary\n\n"
+      b"   GNU General Public License text that is not a definition.\n\n"
+      b" Begin file 1 of 26:  Letter A (Version 0.48) \n\n"
+      b"   * * * * * *\n\n"
+      b"Affect \\Af*fect\"\\, v. t. [L. affectus.] See {Fact}.\n"
+      b"   1. To act upon; to produce an effect upon.\n   [1913 Webster]\n\n"
+      b"            The climate affected their health and spirits.\n"
+      b"                                                  --Macaulay.\n      [1913 Webster]\n"))
+  for path in corpus_text.WORDNET:
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text(
+        "  1 This software and database is being provided | to you\n"
+        "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived to exist\n"
+        "00002137 03 n 02 abstraction 0 | too short\n")
+  fortunes = tmp_path / corpus_text.FORTUNES
+  fortunes.mkdir(parents=True)
+  (fortunes / "people").write_text("Cops never say\ngood-bye, ever.\n%\nTwo words\n%\n")
+  (fortunes / "people.dat").write_bytes(b"\x00\x02binary index")
+  (fortunes / "computers").write_text("Real programmers write in FORTRAN, always.\n%\n")
+
+  assert list(corpus_text.general_lines(tmp_path)) == [
+      "Affect , v. t. See Fact . 1. To act upon; to produce an effect upon.",
+      "The climate affected their health and spirits.",
+      "that which is perceived to exist", "that which is perceived to exist",
+      "that which is perceived to exist", "that which is perceived to exist",
+      "Cops never say good-bye, ever."]
+  gcide.unlink()
+  with pytest.raises(FileNotFoundError, match=r"gcide\.dict\.dz.*setup_env\.sh bench"):
+    next(corpus_text.general_lines(tmp_path))
