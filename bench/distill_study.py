@@ -93,7 +93,8 @@ DIAGNOSTIC = {
     "3x384 minilm_v2 12 relation heads": {**ARMS["3x384 minilm_v2"],
                                            "objective.num_relation_heads": 12},
 }
-MODELS = ["teacher", UNTRAINED, *ARMS, *DIAGNOSTIC]
+RUNNABLE = {**ARMS, **DIAGNOSTIC}  # what --arms may name
+MODELS = ["teacher", UNTRAINED, *RUNNABLE]
 # Does each size's MiniLMv2 student beat that size's no-distillation baselines?
 VERSUS = {"3x384 minilm_v2": ("3x384 teacher-layers mlm", "3x384 random mlm"),
           "4x256 minilm_v2": ("4x256 random mlm",)}
@@ -130,7 +131,7 @@ def marks(steps: int, epochs: int, corpus: str = "docs") -> tuple[str, str]:
 
 
 def arm_config(name: str, steps: int, corpus: Path, teacher: str, out: Path):
-  over = {**DISTILL, **(W256 if name.startswith("4x256") else {}), **{**ARMS, **DIAGNOSTIC}[name],
+  over = {**DISTILL, **(W256 if name.startswith("4x256") else {}), **RUNNABLE[name],
           "teacher.path": teacher, "corpus.train_path": str(corpus), "loop.max_steps": steps,
           "loop.eval_every": steps, "loop.output_dir": str(out),
           # A study stopped mid-arm goes on from the arm's last checkpoint (exact resume).
@@ -467,7 +468,8 @@ def main(argv=None) -> int:
   p.add_argument("--no-readme", action="store_true")
   args = p.parse_args(argv)
   cli.setup_logging()
-  args.out = args.out or Path("runs/distill_study" + ("" if args.corpus == "docs" else "_general"))
+  args.out = args.out or Path("runs/distill_study"
+                              + ("" if args.corpus == "docs" else f"_{args.corpus}"))
   args.out.mkdir(parents=True, exist_ok=True)
   res_path = args.results or args.out / "results.json"
   results = json.loads(res_path.read_text()) if res_path.is_file() else {}
@@ -484,7 +486,7 @@ def main(argv=None) -> int:
   save = lambda: res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
   corpus, results["corpus"] = write_corpus(args.out, args.teacher, args.corpus)
   split = tasks(args.train_examples, args.test_examples)
-  arms = subset(args.arms, {**ARMS, **DIAGNOSTIC}, "arms") if args.arms else list(ARMS)
+  arms = subset(args.arms, RUNNABLE, "arms") if args.arms else list(ARMS)
   tasks_run = subset(args.tasks, TASKS, "tasks")
   seeds = [int(s) for s in args.seeds.split(",")]
   for model in ([] if args.no_references else ["teacher", UNTRAINED]) + arms:

