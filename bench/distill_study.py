@@ -95,9 +95,12 @@ DIAGNOSTIC = {
 }
 RUNNABLE = {**ARMS, **DIAGNOSTIC}  # what --arms may name
 MODELS = ["teacher", UNTRAINED, *RUNNABLE]
-# Does each size's MiniLMv2 student beat that size's no-distillation baselines?
+# Does each size's MiniLMv2 student beat that size's no-distillation baselines? (A diagnostic
+# arm's rows appear once it has results.)
 VERSUS = {"3x384 minilm_v2": ("3x384 teacher-layers mlm", "3x384 random mlm"),
-          "4x256 minilm_v2": ("4x256 random mlm",)}
+          "4x256 minilm_v2": ("4x256 random mlm",),
+          "3x384 minilm_v2 12 relation heads": ("3x384 teacher-layers mlm", "3x384 random mlm",
+                                                "3x384 minilm_v2")}
 W256 = {"student.init": "random", "student.num_layers": 4, "student.hidden_size": 256,
         "student.num_heads": 4, "student.intermediate_size": 1024}
 SEQ_LEN = 128  # packed rows; the corpus is cut to it too
