@@ -7,12 +7,14 @@ import argparse
 import gzip
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from bench import corpus_text
 from bench import distill_study as study
+from minilm_jax import pretrained
 from minilm_jax.recipes import distill as distill_recipe
 
 
@@ -264,3 +266,30 @@ def test_a_diagnostic_arm_runs_only_when_named_and_shows_only_once_run(tmp_path)
   assert f"| {name} |" not in study.table(r, "cmd"), "no row before its arm has run"
   r["arms"][name] = {"tokens_per_s_bf16": 1.0, "first_loss": 1.0, "last_loss": 0.5}
   assert f"| {name} | 0.700 +- 0.000 |" in study.table(r, "cmd")
+
+
+def test_untouched_names_the_last_layer_tensors_distillation_never_moved(tmp_path, gt_model_dir):
+  # bench.distill_diagnose rebuilds the arm's init and compares: a tensor that only weight decay
+  # touched counts as never moved, one that an update moved does not.
+  from flax import nnx
+
+  from bench import distill_diagnose
+  name, steps = "4x256 minilm_v2", 3600  # weight decay alone shrinks a kernel 0.4%
+  cfg = study.arm_config(name, steps, tmp_path / "prepared", "packaged:all-minilm-l6-v2",
+                         tmp_path)
+  t = pretrained.from_pretrained(gt_model_dir)
+  model, s_cfg = distill_recipe.build_student(cfg.student, t.model, t.config, t.tokenizer,
+                                              "encoder", None, cfg.loop.seed)
+  decay = np.prod(1 - cfg.optim.weight_decay * distill_diagnose.learning_rates(cfg))
+  assert 0.99 < decay < 0.999
+  flat = {k: np.asarray(v) * (decay if k.endswith("kernel") else 1.0)
+          for k, v in pretrained.flat_params(model).items()}
+  flat["layers/3/attn/q/kernel"] = flat["layers/3/attn/q/kernel"] * 1.01
+  flat["layers/3/attn/v/bias"] = flat["layers/3/attn/v/bias"] + 0.01
+  nnx.update(model, pretrained.fill_params(nnx.state(model), flat))
+  got = distill_diagnose.untouched(name, SimpleNamespace(encoder=model, config=s_cfg), steps,
+                                   tmp_path)
+  assert {"attn/q/kernel", "attn/v/bias"}.isdisjoint(got["untouched"])
+  assert {"attn/o/kernel", "mlp/wi/kernel", "mlp/wo/bias", "mlp_ln/scale"} <= set(
+      got["untouched"])
+  assert got["relative_change"]["attn/q/kernel"] == pytest.approx(1.01 * decay - 1, rel=1e-4)
