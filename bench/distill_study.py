@@ -286,7 +286,9 @@ def finetune(model_path, seed, split, epochs: int) -> dict:
   x, y, tx, ty = split
   m = classifier(model_path, split, seed)
   t0 = time.perf_counter()
-  m.fit(x, y, seed=seed, epochs=epochs, **FINETUNE)
+  if m.fit(x, y, seed=seed, epochs=epochs, **FINETUNE).interrupted:  # SIGTERM or Ctrl-C
+    raise SystemExit("stopped during a fine-tune, which is not recorded; run the same command "
+                     "again to go on")
   predictions = [str(p) for p in m.predict(tx).labels]
   return {**score(ty, predictions), "seconds": time.perf_counter() - t0,
           "predictions": predictions}

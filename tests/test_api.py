@@ -3,6 +3,7 @@ keyword and input errors, Ctrl-C, and a second fit continuing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -141,6 +142,24 @@ def test_bad_input_is_a_clear_error_before_training(tiny_hf_dir, tmp_path):
   assert not out.exists()
 
 
+@contextlib.contextmanager
+def _signal_at_step(sig, at: int = 3):
+  """Sends `sig` to this process once training has logged step `at`."""
+  import minilm_jax.metric_log as metric_log
+  real = metric_log.MetricLogger.log_train
+
+  def log_train(self, step, rec):
+    if step == at:
+      os.kill(os.getpid(), sig)
+    return real(self, step, rec)
+
+  metric_log.MetricLogger.log_train = log_train
+  try:
+    yield
+  finally:
+    metric_log.MetricLogger.log_train = real
+
+
 def test_ctrl_c_stops_at_a_step_boundary_and_leaves_a_resumable_checkpoint(tiny_hf_dir,
                                                                           tmp_path):
   """SIGINT (a notebook's interrupt) during fit: fit returns, the model holds the weights of a
@@ -149,21 +168,8 @@ def test_ctrl_c_stops_at_a_step_boundary_and_leaves_a_resumable_checkpoint(tiny_
   clf = minilm_jax.from_pretrained(tiny_hf_dir, "classification", num_labels=2)
   out = tmp_path / "run"
   total = 200
-  seen = {"step": 0}
-  import minilm_jax.metric_log as metric_log
-  real = metric_log.MetricLogger.log_train
-
-  def log_train(self, step, rec):  # Ctrl-C once a few steps have run
-    seen["step"] = step
-    if step == 3:
-      os.kill(os.getpid(), signal.SIGINT)
-    return real(self, step, rec)
-
-  metric_log.MetricLogger.log_train = log_train
-  try:
+  with _signal_at_step(signal.SIGINT):
     history = clf.fit(texts, labels, max_steps=total, output_dir=str(out), **SMALL)
-  finally:
-    metric_log.MetricLogger.log_train = real
   assert history.interrupted and history.steps[-1]["step"] < total
   stopped = history.steps[-1]["step"]
   saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
@@ -177,6 +183,18 @@ def test_ctrl_c_stops_at_a_step_boundary_and_leaves_a_resumable_checkpoint(tiny_
   assert not done.interrupted and [r["step"] for r in done.steps] == list(range(1, total + 1))
   assert (out / "final").exists() and (out / "hf" / "config.json").exists()
   assert jax.process_count() == 1
+
+
+def test_sigterm_during_fit_marks_the_history_interrupted(tiny_hf_dir, caplog):
+  # Regression: SIGTERM stopped fit at a step boundary with history.interrupted False and no
+  # warning, so a script went on as if the model were trained (bench.distill_study recorded a
+  # fine-tune cut at step 289 of 630 as a finished cell).
+  texts, labels = _rows(64)
+  clf = minilm_jax.from_pretrained(tiny_hf_dir, "classification", num_labels=2)
+  with _signal_at_step(signal.SIGTERM), caplog.at_level("WARNING"):
+    history = clf.fit(texts, labels, max_steps=200, **SMALL)
+  assert history.interrupted and history.steps[-1]["step"] < 200
+  assert "stopped by SIGTERM after step" in caplog.text
 
 
 def test_distill_equals_the_cli_and_returns_a_usable_student(tiny_hf_dir, tmp_path):

@@ -179,6 +179,17 @@ def test_a_preempted_arm_is_not_recorded_and_says_how_to_resume(tmp_path, monkey
   assert results["arms"] == {} and saves == []
 
 
+def test_a_fine_tune_cut_short_by_a_signal_is_not_recorded(monkeypatch):
+  # Regression: a SIGTERM stopped a fine-tune at step 289 of 630, fit returned, and the study
+  # recorded the half-trained model's scores as a finished cell.
+  class Cut:
+    def fit(self, *a, **k):
+      return SimpleNamespace(interrupted=True)
+  monkeypatch.setattr(study, "classifier", lambda *a: Cut())
+  with pytest.raises(SystemExit, match="not recorded.*again to go on"):
+    study.finetune("model", 0, (["a"], ["x"], ["b"], ["x"]), 10)
+
+
 def test_a_model_with_every_cell_in_the_results_needs_no_student():
   # A study longer than a machine's life resumes from a tracked results file: models whose
   # fine-tunes and probes are all there are not distilled again (their students are gone).

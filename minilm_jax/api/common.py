@@ -28,7 +28,8 @@ SHORTHANDS = {
 @dataclasses.dataclass
 class History:
   """What one `fit` did: `steps` (a record per logged step: loss, accuracy, seq/s, ...),
-  `evals` (a record per evaluation), `best`, and whether Ctrl-C cut it short."""
+  `evals` (a record per evaluation), `best`, and whether Ctrl-C or SIGTERM cut it short (the
+  model then holds the weights of the last finished step)."""
   steps: list[dict]
   evals: list[dict]
   best: dict | None = None
@@ -88,20 +89,23 @@ def _run_dir(cfg, given: bool, export: str = "export_hf"):
 
 
 def _history(m, summary: dict, cfg, given: bool) -> History:
-  """`m.history` from a job's summary; a warning when Ctrl-C cut the run short."""
+  """`m.history` from a job's summary; a warning when Ctrl-C or SIGTERM cut the run short (a
+  script that goes on after `fit` must check `history.interrupted`: the run is unfinished)."""
   out = cfg.loop.output_dir if given else None
-  if summary["interrupted"]:
+  if summary["preempted"]:
     where = (f"; checkpoint in {out}/checkpoints: the same call with output_dir={out!r}, "
              f"resume=True continues" if given else "")
-    log.warning("training interrupted after step %d; the model holds that step's weights%s",
+    log.warning("training %s after step %d; the model holds that step's weights%s",
+                "interrupted" if summary["interrupted"] else "stopped by SIGTERM",
                 summary["steps"], where)
   m.history = History(list(summary["history"]), list(summary["evals"]), summary["best"],
-                      summary["interrupted"], out, summary.get("start"))
+                      summary["preempted"], out, summary.get("start"))
   return m.history
 
 
 def _loop_summary(summary: dict, res) -> dict:
-  return {**summary, "history": res.history, "evals": res.evals, "interrupted": res.interrupted}
+  return {**summary, "history": res.history, "evals": res.evals, "preempted": res.preempted,
+          "interrupted": res.interrupted}
 
 
 def _config(cfg, shorthands: dict, overrides: dict, what: str):
