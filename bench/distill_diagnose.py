@@ -33,7 +33,7 @@ from flax import nnx
 from sklearn import metrics
 
 from bench import distill_study as study
-from minilm_jax import optim, pretrained
+from minilm_jax import optim, pooling, pretrained
 from minilm_jax.recipes import distill as distill_recipe
 from train import cli
 
@@ -49,6 +49,9 @@ def students(out: Path, teacher: str) -> dict[str, Path]:
   return {k: v for k, v in found.items() if Path(v).is_dir()}
 
 
+MEAN = pooling.Pooling("mean", normalize=False)
+
+
 def last_layer(m) -> Callable:
   """`m`'s jitted forward: batch -> (mean-pooled last hidden states (B, D), the last layer's
   attention maps (B, N, T, S))."""
@@ -57,8 +60,7 @@ def last_layer(m) -> Callable:
   @jax.jit
   def forward(state, ids, mask):
     hidden, out = nnx.merge(graphdef, state)(ids, mask)
-    m = mask.astype(jnp.float32)[..., None]
-    return (hidden * m).sum(1) / m.sum(1), jax.nn.softmax(out["attention_logits"][-1], -1)
+    return MEAN(hidden, mask), jax.nn.softmax(out["attention_logits"][-1], -1)
   return lambda batch: [np.asarray(x) for x in forward(state, batch["input_ids"],
                                                        batch["attention_mask"])]
 
@@ -99,12 +101,12 @@ def closeness(models: dict, texts: list[str]) -> dict:
           for k in models}
 
 
-def untouched(name: str, student, steps: int, out: Path,
-              teacher: str = "packaged:all-minilm-l6-v2") -> dict:
+def untouched(name: str, student, teacher, steps: int, out: Path) -> dict:
   """{parameter of the last layer: relative change from the arm's init}, and the names of the
-  ones distillation never moved (`name` an arm of `study.RUNNABLE`)."""
-  cfg = study.arm_config(name, steps, out / "prepared", teacher, out)
-  t = pretrained.from_pretrained(distill_recipe.resolve_model_path(cfg.teacher.path))
+  ones distillation never moved (`name` an arm of `study.RUNNABLE`, `teacher` the loaded
+  teacher its layers came from)."""
+  cfg = study.arm_config(name, steps, out / "prepared", str(teacher.source), out)
+  t = teacher
   init, _ = distill_recipe.build_student(cfg.student, t.model, t.config, t.tokenizer, "encoder",
                                          None, cfg.loop.seed)
   p0, p1 = pretrained.flat_params(init), pretrained.flat_params(student.encoder)
@@ -124,7 +126,7 @@ def untouched(name: str, student, steps: int, out: Path,
 def learning_rates(cfg) -> np.ndarray:
   """The run's learning rate at every step, from the optimizer's own schedule."""
   schedule = optim.make_schedule(cfg.optim, cfg.loop.max_steps)
-  return np.asarray([schedule(s) for s in range(cfg.loop.max_steps)], np.float64)
+  return np.asarray(schedule(jnp.arange(cfg.loop.max_steps)), np.float64)
 
 
 def per_class(results: dict) -> dict:
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
   paths = students(args.out, settings["teacher"])
   models = {k: pretrained.from_pretrained(v, dtype="float32") for k, v in paths.items()}
   report = {"closeness": {t: closeness(models, split[t][2][:args.texts]) for t in study.TASKS},
-            "untouched": {k: untouched(k, m, settings["steps"], args.out, settings["teacher"])
+            "untouched": {k: untouched(k, m, models["teacher"], settings["steps"], args.out)
                           for k, m in models.items() if k in study.RUNNABLE},
             "per_class_f1": per_class(results)}
   for task, rows in report["closeness"].items():

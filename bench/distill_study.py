@@ -367,8 +367,7 @@ def summarise(results) -> list[dict]:
   rows = []
   for model in MODELS:
     for task in TASKS:
-      cells = [c for k, c in results["finetune"].items()
-               if k.rsplit("/", 1)[0] == f"{model}/{task}"]
+      cells = seed_cells(results, model, task)
       for metric in METRICS:
         vals = [c[metric] for c in cells]
         if vals:
@@ -467,10 +466,15 @@ def comparisons(results, resamples: int = 2000) -> list[dict]:
   return out
 
 
+def seed_cells(results, model: str, task: str) -> list[dict]:
+  """The fine-tune cells of every seed of (model, task)."""
+  return [c for k, c in results["finetune"].items() if k.rsplit("/", 1)[0] == f"{model}/{task}"]
+
+
 def cell_predictions(results, model: str, task: str) -> list | None:
   """The test predictions of every seed of (model, task), or None if a cell lacks them (cells
   from before they were kept)."""
-  cells = [c for k, c in results["finetune"].items() if k.rsplit("/", 1)[0] == f"{model}/{task}"]
+  cells = seed_cells(results, model, task)
   if not cells or any("predictions" not in c for c in cells):
     return None
   return [c["predictions"] for c in cells]

@@ -298,7 +298,7 @@ def test_untouched_names_the_last_layer_tensors_distillation_never_moved(tmp_pat
   flat["layers/3/attn/q/kernel"] = flat["layers/3/attn/q/kernel"] * 1.01
   flat["layers/3/attn/v/bias"] = flat["layers/3/attn/v/bias"] + 0.01
   nnx.update(model, pretrained.fill_params(nnx.state(model), flat))
-  got = distill_diagnose.untouched(name, SimpleNamespace(encoder=model, config=s_cfg), steps,
+  got = distill_diagnose.untouched(name, SimpleNamespace(encoder=model, config=s_cfg), t, steps,
                                    tmp_path)
   assert {"attn/q/kernel", "attn/v/bias"}.isdisjoint(got["untouched"])
   assert {"attn/o/kernel", "mlp/wi/kernel", "mlp/wo/bias", "mlp_ln/scale"} <= set(
