@@ -33,7 +33,7 @@ from flax import nnx
 from sklearn import metrics
 
 from bench import distill_study as study
-from minilm_jax import optim, pooling, pretrained
+from minilm_jax import losses, optim, pooling, pretrained
 from minilm_jax.recipes import distill as distill_recipe
 from train import cli
 
@@ -80,7 +80,7 @@ def closeness(models: dict, texts: list[str]) -> dict:
       emb, att = forward(b)
       runs[k][0].append(emb)
       runs[k][1].append(att)
-  real = np.concatenate(masks)[:, None, :]  # (B, 1, T): real queries
+  mask = np.concatenate(masks)
   emb = {k: np.concatenate(v[0]) for k, v in runs.items()}
   att = {k: np.concatenate(v[1]) for k, v in runs.items()}
 
@@ -88,11 +88,10 @@ def closeness(models: dict, texts: list[str]) -> dict:
     a, b = a - a.mean(0), b - b.mean(0)
     return float(np.linalg.norm(b.T @ a) ** 2 / np.linalg.norm(a.T @ a) / np.linalg.norm(b.T @ b))
 
-  def kl(p, q):
+  def kl(p, q):  # the MiniLM v1 attention loss, mean over the texts
     if p.shape != q.shape:
       return None
-    v = (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(-1)  # (B, N, T)
-    return float((v * real).sum() / (real.sum() * v.shape[1]))
+    return float(np.mean(losses.attention_kl(np.log(p + 1e-30), np.log(q + 1e-30), mask)))
   init = emb.get(study.UNTRAINED)
   return {k: {"emb_cka_teacher": cka(emb[k], emb["teacher"]),
               "emb_cka_init": None if init is None else cka(emb[k], init),
