@@ -504,7 +504,8 @@ def main(argv=None) -> int:
   p.add_argument("--corpus", choices=sorted(CORPORA), default="docs",
                  help="the distillation text after the tweets: docs (/usr/share/doc) or general "
                       "(bash .ci/setup_env.sh bench)")
-  p.add_argument("--steps", type=int, default=400, help="distillation steps of every arm")
+  p.add_argument("--steps", type=int, default=3600,
+                 help="distillation steps of every arm (3,600: about an hour a student here)")
   p.add_argument("--train-examples", type=int, default=2000, help="fine-tuning set per task")
   p.add_argument("--test-examples", type=int, default=1000)
   p.add_argument("--seeds", default="0,1,2")
